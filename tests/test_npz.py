@@ -1,0 +1,200 @@
+"""Tests for vit_jax.npz: layouts, round trips, big_vision import, errors."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from vit_jax import npz
+
+D, H, M, DEPTH, K = 8, 2, 16, 3, 5
+
+
+def _rand(rng, *shape):
+  return rng.standard_normal(shape).astype(np.float32)
+
+
+def original_tree(seed=0, cls=True, depth=DEPTH, grid=4):
+  """A hand-made parameter tree in the original (our) layout."""
+  rng = np.random.default_rng(seed)
+  flat = {
+      "embedding/kernel": _rand(rng, 4, 4, 3, D),
+      "embedding/bias": _rand(rng, D),
+      npz.POSEMB: _rand(rng, 1, grid + int(cls), D),
+      "Transformer/encoder_norm/scale": _rand(rng, D),
+      "Transformer/encoder_norm/bias": _rand(rng, D),
+      "head/kernel": _rand(rng, D, K),
+      "head/bias": _rand(rng, K),
+  }
+  if cls:
+    flat["cls"] = _rand(rng, 1, 1, D)
+  for i in range(depth):
+    b = f"Transformer/encoderblock_{i}/"
+    a = b + "MultiHeadDotProductAttention_1/"
+    for ln in ("LayerNorm_0", "LayerNorm_2"):
+      flat[f"{b}{ln}/scale"] = _rand(rng, D)
+      flat[f"{b}{ln}/bias"] = _rand(rng, D)
+    for n in ("query", "key", "value"):
+      flat[f"{a}{n}/kernel"] = _rand(rng, D, H, D // H)
+      flat[f"{a}{n}/bias"] = _rand(rng, H, D // H)
+    flat[f"{a}out/kernel"] = _rand(rng, H, D // H, D)
+    flat[f"{a}out/bias"] = _rand(rng, D)
+    flat[f"{b}MlpBlock_3/Dense_0/kernel"] = _rand(rng, D, M)
+    flat[f"{b}MlpBlock_3/Dense_0/bias"] = _rand(rng, M)
+    flat[f"{b}MlpBlock_3/Dense_1/kernel"] = _rand(rng, M, D)
+    flat[f"{b}MlpBlock_3/Dense_1/bias"] = _rand(rng, D)
+  return flat
+
+
+def big_vision_layout(flat, prefix="params/", stacked=True):
+  """Rewrites an original-layout tree the way big_vision stores it (design.md §3).
+
+  The cls position is folded into `cls` and dropped from the (top-level) table.
+  """
+  renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+             "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+  out = {}
+  posemb = flat[npz.POSEMB]
+  if "cls" in flat:
+    out["cls"] = flat["cls"] + posemb[:, :1]
+    posemb = posemb[:, 1:]
+  out["pos_embedding"] = posemb
+  blocks = {}
+  for k, v in flat.items():
+    if k in ("cls", npz.POSEMB):
+      continue
+    if k.startswith("Transformer/encoderblock_"):
+      _, block, module, rest = k.split("/", 3)
+      i = int(block.rsplit("_", 1)[1])
+      blocks.setdefault(f"{renames.get(module, module)}/{rest}", {})[i] = v
+    else:
+      out[k] = v
+  for tail, by_index in blocks.items():
+    if stacked:
+      out[f"Transformer/encoderblock/{tail}"] = np.stack(
+          [by_index[i] for i in sorted(by_index)])
+    else:
+      for i, v in by_index.items():
+        out[f"Transformer/encoderblock_{i}/{tail}"] = v
+  return {prefix + k: v for k, v in out.items()}
+
+
+def _save_raw(path, flat):
+  np.savez(path, **flat)
+  return path
+
+
+def _assert_same(a, b):
+  a, b = npz.flatten(a), npz.flatten(b)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].shape == b[k].shape, k
+    assert a[k].dtype == b[k].dtype, k
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_flatten_unflatten_inverse():
+  flat = original_tree()
+  tree = npz.unflatten(flat)
+  assert set(tree) == {"embedding", "Transformer", "head", "cls"}
+  assert tree["Transformer"]["encoderblock_1"]["MlpBlock_3"]["Dense_0"]["kernel"].shape == (D, M)
+  _assert_same(npz.flatten(tree), flat)
+
+
+def test_stack_unstack_inverse():
+  flat = original_tree()
+  stacked = npz.stack_blocks(flat)
+  assert not any(k.startswith("Transformer/encoderblock_") for k in stacked)
+  k = "Transformer/encoderblock/MultiHeadDotProductAttention_1/query/kernel"
+  assert stacked[k].shape == (DEPTH, D, H, D // H)
+  np.testing.assert_array_equal(
+      stacked[k][2], flat["Transformer/encoderblock_2/MultiHeadDotProductAttention_1/query/kernel"])
+  _assert_same(npz.unstack_blocks(stacked), flat)
+  nested = npz.stack_blocks(npz.unflatten(flat))
+  assert nested["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (DEPTH, D)
+
+
+@pytest.mark.parametrize("cls", [True, False])
+def test_original_layout_round_trip_is_exact(tmp_path, cls):
+  flat = original_tree(cls=cls)
+  src = _save_raw(tmp_path / "orig.npz", flat)
+  loaded = npz.load_npz(src)
+  _assert_same(loaded, flat)
+  npz.save_npz(tmp_path / "again.npz", loaded)
+  with np.load(tmp_path / "again.npz") as data:
+    _assert_same({k: data[k] for k in data.files}, flat)
+
+
+def test_save_npz_unstacks_and_writes_float32_for_bfloat16(tmp_path):
+  flat = original_tree()
+  stacked = npz.stack_blocks(npz.unflatten(flat))
+  stacked["head"]["kernel"] = stacked["head"]["kernel"].astype(ml_dtypes.bfloat16)
+  npz.save_npz(tmp_path / "s.npz", stacked)
+  with np.load(tmp_path / "s.npz") as data:
+    assert sorted(data.files) == sorted(flat)
+    assert data["head/kernel"].dtype == np.float32
+    np.testing.assert_array_equal(
+        data["head/kernel"], flat["head/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize("prefix,stacked,cls", [
+    ("params/", True, True), ("", True, False), ("params/", False, False), ("", False, True)])
+def test_big_vision_layout_maps_to_ours(tmp_path, prefix, stacked, cls):
+  flat = original_tree(cls=cls)
+  bv = big_vision_layout(flat, prefix=prefix, stacked=stacked)
+  loaded = npz.flatten(npz.load_npz(_save_raw(tmp_path / "bv.npz", bv)))
+  assert sorted(loaded) == sorted(flat)
+  for k, v in flat.items():
+    if k in ("cls", npz.POSEMB) and cls:
+      continue
+    np.testing.assert_array_equal(loaded[k], v, err_msg=k)
+  if cls:
+    # The cls position is folded into `cls`; what the model adds up is unchanged.
+    np.testing.assert_array_equal(loaded[npz.POSEMB][:, 0], 0)
+    np.testing.assert_array_equal(loaded[npz.POSEMB][:, 1:], flat[npz.POSEMB][:, 1:])
+    np.testing.assert_allclose(
+        loaded["cls"] + loaded[npz.POSEMB][:, :1], flat["cls"] + flat[npz.POSEMB][:, :1])
+
+
+def test_map_head_and_no_pos_cls_keys_pass_through(tmp_path):
+  flat = original_tree(cls=False)
+  rng = np.random.default_rng(1)
+  m = "MAPHead_0/"
+  flat[m + "probe"] = _rand(rng, 1, 1, D)
+  flat[m + "MultiHeadDotProductAttention_0/query/kernel"] = _rand(rng, D, H, D // H)
+  flat[m + "LayerNorm_0/scale"] = _rand(rng, D)
+  flat[m + "MlpBlock_0/Dense_0/kernel"] = _rand(rng, D, M)
+  bv = big_vision_layout(flat, stacked=True)
+  loaded = npz.flatten(npz.load_npz(_save_raw(tmp_path / "map.npz", bv)))
+  _assert_same(loaded, flat)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+  flat = original_tree()
+  flat["Transformer/encoderblock_0/Adapter/kernel"] = np.zeros((3, 7), np.float32)
+  with pytest.raises(ValueError, match=r"Adapter/kernel \(3, 7\)"):
+    npz.load_npz(_save_raw(tmp_path / "x.npz", flat))
+
+
+def test_target_mismatch_lists_keys_and_shapes(tmp_path):
+  flat = original_tree()
+  target = dict(flat)
+  target["head/kernel"] = np.zeros((D, K + 1), np.float32)
+  target["pre_logits/kernel"] = np.zeros((D, D), np.float32)
+  del target["Transformer/encoder_norm/bias"]
+  src = _save_raw(tmp_path / "t.npz", flat)
+  with pytest.raises(ValueError) as err:
+    npz.load_npz(src, target=npz.stack_blocks(target))
+  msg = str(err.value)
+  assert "missing from checkpoint" in msg and "pre_logits/kernel (8, 8)" in msg
+  assert "unexpected in checkpoint" in msg and "Transformer/encoder_norm/bias (8,)" in msg
+  assert "head/kernel" in msg and "(8, 5) vs model (8, 6)" in msg
+  # A matching target passes, stacked or not.
+  npz.load_npz(src, target=flat)
+  npz.load_npz(src, target=npz.stack_blocks(flat))
+
+
+def test_both_position_tables_is_an_error(tmp_path):
+  flat = original_tree()
+  flat["pos_embedding"] = flat[npz.POSEMB][:, 1:]
+  with pytest.raises(ValueError, match="both `pos_embedding`"):
+    npz.load_npz(_save_raw(tmp_path / "p.npz", flat))
