@@ -1,0 +1,25 @@
+"""Input pipeline: sources, host-side preprocessing, host-local batches.
+
+    src = data.get_source("digits", "train")        # or "cifar10", "folder:/root"
+    it = iter(data.train_loader(src, global_batch_size=32, image_size=(32, 32)))
+    batch = next(it)                                 # numpy, this process's share
+    state = data.get_state(it)                       # JSON string
+    for batch in data.eval_batches(src_test, 32, (32, 32)):
+      ...                                            # batch["mask"] marks padding
+"""
+
+from vit_jax.data.loader import eval_batches
+from vit_jax.data.loader import eval_range
+from vit_jax.data.loader import get_state
+from vit_jax.data.loader import local_batch_size
+from vit_jax.data.loader import num_eval_batches
+from vit_jax.data.loader import num_examples
+from vit_jax.data.loader import set_state
+from vit_jax.data.loader import train_loader
+from vit_jax.data.preprocess import eval_image
+from vit_jax.data.preprocess import train_image
+from vit_jax.data.sources import ArraySource
+from vit_jax.data.sources import FolderSource
+from vit_jax.data.sources import TfdsSource
+from vit_jax.data.sources import digits_source
+from vit_jax.data.sources import get_source

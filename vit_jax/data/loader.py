@@ -1,0 +1,184 @@
+"""Host-local batches: the grain training loader and padded evaluation batches.
+
+Each process reads only its own shard and produces batches of
+`global_batch_size // process_count` examples as numpy arrays; the training
+loop turns them into global arrays.
+
+Training randomness (shuffling, crops, flips) depends only on the seed and
+the global position in the sample stream: grain's `IndexSampler` gives record
+`i` the generator `Philox(key=seed + i)`. A restored iterator therefore
+continues with exactly the batches the interrupted one would have produced.
+"""
+
+import grain
+import numpy as np
+
+from vit_jax.data import preprocess
+
+
+def local_batch_size(global_batch_size, process_count):
+  """Per-process batch size; the global size must split evenly."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the "
+        f"number of processes {process_count}")
+  return global_batch_size // process_count
+
+
+class _TrainTransform(grain.transforms.RandomMap):
+  """Random training preprocessing of one example."""
+
+  def __init__(self, **options):
+    self.options = options
+
+  def random_map(self, element, rng):
+    image = preprocess.train_image(element["image"], rng, **self.options)
+    return {"image": image, "label": np.int32(element["label"])}
+
+
+class _EvalTransform(grain.transforms.Map):
+  """Deterministic evaluation preprocessing of one example."""
+
+  def __init__(self, **options):
+    self.options = options
+
+  def map(self, element):
+    image = preprocess.eval_image(element["image"], **self.options)
+    return {"image": image, "label": np.int32(element["label"])}
+
+
+def train_loader(source, global_batch_size, image_size, seed=0,
+                 process_index=0, process_count=1, inception_crop=True,
+                 crop_area=preprocess.DEFAULT_CROP_AREA,
+                 aspect_ratio=preprocess.DEFAULT_ASPECT_RATIO, flip=True,
+                 num_channels=None, worker_count=0, worker_buffer_size=1,
+                 shuffle=True, num_epochs=None):
+  """Returns a grain `DataLoader` of this process's training batches.
+
+  The source is split into `process_count` contiguous shards of equal size
+  (the remainder is dropped); each epoch is reshuffled within the shard, and
+  epochs repeat forever unless `num_epochs` is given. Batches cross epoch
+  boundaries.
+
+  Args:
+    source: a random-access source of {"image": uint8 [H, W, C], "label"}.
+    global_batch_size: batch size summed over all processes.
+    image_size: int or (height, width) of the output images.
+    seed: seed of shuffling and augmentation (0 <= seed < 2**32).
+    process_index: index of this process (`jax.process_index()`).
+    process_count: number of processes (`jax.process_count()`).
+    inception_crop: random resized crop; otherwise a central crop.
+    crop_area: (min, max) fraction of the image area of the random crop.
+    aspect_ratio: (min, max) width / height of the random crop.
+    flip: random horizontal flips.
+    num_channels: convert images to 1 or 3 channels (None keeps them).
+    worker_count: grain worker processes (0 = in this process).
+    worker_buffer_size: batches each worker prepares ahead.
+    shuffle: shuffle the examples (each epoch differently).
+    num_epochs: None repeats forever.
+
+  Returns:
+    A `grain.DataLoader`; `iter()` of it yields {"image": float32
+    [local_B, h, w, C] in [-1, 1], "label": int32 [local_B]}.
+  """
+  batch = local_batch_size(global_batch_size, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process index {process_index} is not in [0, {process_count})")
+  if len(source) < process_count:
+    raise ValueError(
+        f"source has {len(source)} examples, fewer than the "
+        f"{process_count} processes that each need a shard")
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count,
+      drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard_options, shuffle=shuffle,
+      num_epochs=num_epochs, seed=seed)
+  transform = _TrainTransform(
+      image_size=preprocess.as_size(image_size),
+      inception_crop=inception_crop, crop_area=tuple(crop_area),
+      aspect_ratio=tuple(aspect_ratio), flip=flip, num_channels=num_channels)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[transform,
+                  grain.transforms.Batch(batch_size=batch,
+                                         drop_remainder=True)],
+      worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+      shard_options=shard_options)
+
+
+def get_state(iterator):
+  """JSON string of a training iterator's position (for checkpoints)."""
+  state = iterator.get_state()
+  return state.decode() if isinstance(state, bytes) else state
+
+
+def set_state(iterator, state):
+  """Moves a training iterator to a position saved by `get_state`."""
+  iterator.set_state(state.encode() if isinstance(state, str) else state)
+
+
+def num_examples(source):
+  """Number of examples of a source."""
+  return len(source)
+
+
+def num_eval_batches(num_records, global_batch_size, process_count=1):
+  """Batches every process yields in `eval_batches` for `num_records`."""
+  batch = local_batch_size(global_batch_size, process_count)
+  per_process = -(-num_records // process_count)
+  return -(-per_process // batch)
+
+
+def eval_range(num_records, process_index, process_count):
+  """The contiguous [start, stop) of examples a process evaluates."""
+  per_process = -(-num_records // process_count)
+  start = min(num_records, process_index * per_process)
+  return start, min(num_records, start + per_process)
+
+
+def eval_batches(source, global_batch_size, image_size, process_index=0,
+                 process_count=1, num_channels=None, crop_fraction=1.0,
+                 num_threads=8):
+  """Yields this process's evaluation batches; each example exactly once.
+
+  Process p evaluates the p-th contiguous block of ceil(N / process_count)
+  examples. Batches have the local size `global_batch_size // process_count`;
+  `mask` is False on padding. Every process yields the same number of
+  batches (`num_eval_batches`), padding with fully masked batches if its
+  block is short, so collective operations stay in step across processes.
+
+  Yields:
+    {"image": float32 [local_B, h, w, C], "label": int32 [local_B],
+     "mask": bool [local_B]}.
+  """
+  batch = local_batch_size(global_batch_size, process_count)
+  size = preprocess.as_size(image_size)
+  start, stop = eval_range(len(source), process_index, process_count)
+  total = num_eval_batches(len(source), global_batch_size, process_count)
+  transform = _EvalTransform(image_size=size, num_channels=num_channels,
+                             crop_fraction=crop_fraction)
+  examples = iter(())
+  if stop > start:
+    dataset = grain.MapDataset.source(source)[start:stop].map(transform)
+    examples = iter(dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads,
+                          prefetch_buffer_size=2 * batch)))
+  shape = None
+  for _ in range(total):
+    chunk = [e for _, e in zip(range(batch), examples)]
+    if shape is None:
+      channels = (num_channels or
+                  (chunk[0]["image"].shape[-1] if chunk else
+                   preprocess.to_channels(
+                       np.asarray(source[0]["image"]), None).shape[-1]))
+      shape = (batch, *size, channels)
+    images = np.zeros(shape, np.float32)
+    labels = np.zeros((batch,), np.int32)
+    mask = np.zeros((batch,), bool)
+    for i, example in enumerate(chunk):
+      images[i] = example["image"]
+      labels[i] = example["label"]
+      mask[i] = True
+    yield {"image": images, "label": labels, "mask": mask}
