@@ -1,0 +1,62 @@
+"""Writes a tiny image folder `root/<split>/<class>/*.png|jpg` for tests."""
+
+import functools
+import os
+
+import numpy as np
+import PIL.Image
+import sklearn.datasets
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+  return sklearn.datasets.load_digits()
+
+
+def _digit(index, height, width):
+  """Digit `index` upscaled to (height, width), tinted, uint8 RGB."""
+  digits = _digits()
+  index %= len(digits.target)
+  plane = np.round(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
+  plane = np.asarray(PIL.Image.fromarray(plane).resize(
+      (width, height), PIL.Image.BILINEAR))
+  tint = np.random.default_rng(index).uniform(0.5, 1.0, 3)
+  return np.round(plane[..., None] * tint).astype(np.uint8)
+
+
+def make_image_folder(root, classes=("cat", "dog", "fish"), splits=None,
+                      image_size=(12, 16), mode="RGB", ext="png",
+                      sizes=None):
+  """Writes digit images into `root/<split>/<class>/` and returns `root`.
+
+  Args:
+    root: directory to create.
+    classes: class directory names (labels follow their sorted order).
+    splits: {split: images per class}; default {"train": 4, "test": 2}.
+    image_size: (height, width) of the images.
+    mode: PIL mode of the written files ("RGB", "L", "RGBA"), or a list of
+      modes used in turn.
+    ext: file extension ("png", "jpg" or "jpeg").
+    sizes: optional list of (height, width) used in turn instead of
+      `image_size` (images of different sizes).
+
+  Returns:
+    `root` as a string.
+  """
+  splits = dict(splits or {"train": 4, "test": 2})
+  modes = [mode] if isinstance(mode, str) else list(mode)
+  sizes = list(sizes) if sizes else [tuple(image_size)]
+  count = 0
+  for split, per_class in splits.items():
+    for c, name in enumerate(classes):
+      directory = os.path.join(root, split, name)
+      os.makedirs(directory, exist_ok=True)
+      for i in range(per_class):
+        height, width = sizes[count % len(sizes)]
+        image = _digit(count * 7 + c, height, width)
+        pil = PIL.Image.fromarray(image).convert(modes[count % len(modes)])
+        if ext in ("jpg", "jpeg") and pil.mode == "RGBA":
+          pil = pil.convert("RGB")
+        pil.save(os.path.join(directory, f"{split}_{name}_{i:03d}.{ext}"))
+        count += 1
+  return str(root)
