@@ -1,0 +1,560 @@
+"""Vision Transformer: patch embedding, tokens, position embeddings, pre-LN
+encoder, pooling and heads.
+
+Module names reproduce the parameter tree of the published ViT checkpoints
+(see the design notes): `embedding`, `cls`, `Transformer/posembed_input`,
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
+LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `pre_logits`, `head`.
+Additions sit beside them: `mask_token`, `MAPHead_0`, `decoder` and the
+hybrid ResNet stem (`conv_root`, `gn_root`, `block{j}/unit{k}`).
+
+`VisionTransformer.__call__` returns `(output, out)`, `out` a dict of named
+intermediates: "stem", "encoded", "pre_logits", "logits", and on request
+"embeddings", "block{i}" and "block{i}/attention"; "reconstruction" with a
+decoder.
+"""
+
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import posemb as posemb_lib
+from vit_jax.models import resnet as resnet_lib
+
+Dtype = Any
+IntOrPair = Union[int, Sequence[int]]
+
+CLASSIFIERS = ("token", "gap", "map", "unpooled")
+POSEMBS = ("learn", "sincos2d", "sincos1d", "none")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+
+def pair(value: IntOrPair, what: str = "size") -> Tuple[int, int]:
+  """Returns (h, w) from an int or a 2-sequence."""
+  if isinstance(value, (int, np.integer)):
+    return (int(value), int(value))
+  value = tuple(int(v) for v in value)
+  if len(value) != 2:
+    raise ValueError(f"{what} must be an int or (height, width), got {value}")
+  return value
+
+
+def activation(name: str):
+  if name == "gelu_tanh":
+    return lambda x: nn.gelu(x, approximate=True)
+  if name == "gelu":
+    return lambda x: nn.gelu(x, approximate=False)
+  raise ValueError(f"unknown hidden_act {name!r}: use one of {ACTIVATIONS}")
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.
+  hidden_act: str = "gelu_tanh"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dense = lambda features, name: nn.Dense(  # pylint: disable=g-long-lambda
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    out_dim = x.shape[-1]
+    x = dense(self.mlp_dim, "Dense_0")(x)
+    x = activation(self.hidden_act)(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim, "Dense_1")(x)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with the parameter layout of flax's module.
+
+  query/key/value kernels are (D, H, D/H), biases (H, D/H); the output
+  kernel is (H, D/H, D). Attention runs through `jax.nn.dot_product_attention`
+  unless the weights are needed (returned, multiplied by a head mask or
+  dropped out); then an explicit einsum / softmax path computes them.
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  dropout_rate: float = 0.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, *, head_mask=None,
+               deterministic: bool = True, need_weights: bool = False):
+    features = inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"hidden size {features} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    head_dim = features // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=nn.initializers.xavier_uniform())
+    proj = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
+        features=(self.num_heads, head_dim), axis=-1, use_bias=self.qkv_bias,
+        name=name, **kw)
+    q = proj("query")(inputs_q)
+    k = proj("key")(inputs_kv)
+    v = proj("value")(inputs_kv)
+    scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
+    use_dropout = self.dropout_rate > 0 and not deterministic
+    weights = None
+    if need_weights or head_mask is not None or use_dropout:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      weights = weights.astype(q.dtype)
+      weights = nn.Dropout(rate=self.dropout_rate)(
+          weights, deterministic=deterministic)
+      if head_mask is not None:
+        weights = weights * head_mask.astype(weights.dtype)[None, :, None, None]
+      y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    out = nn.DenseGeneral(features=features, axis=(-2, -1), name="out", **kw)(y)
+    return out, weights
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)), with drop path.
+
+  Called as `block(x, (head_mask, drop_path_rate))` and returns
+  `(x, (x, attention_weights))` so that it can be scanned over layers.
+  """
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.
+  attention_dropout_rate: float = 0.
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  hidden_act: str = "gelu_tanh"
+  layer_norm_eps: float = 1e-6
+  use_drop_path: bool = False
+  deterministic: bool = True
+  output_attentions: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _drop_path(self, y, rate):
+    if not self.use_drop_path or self.deterministic:
+      return y
+    keep_prob = 1. - rate
+    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
+    return jnp.where(keep, y / keep_prob, 0).astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x, layer_inputs):
+    head_mask, drop_path_rate = layer_inputs
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0", **kw)(x)
+    y, weights = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+        qk_scale=self.qk_scale, dropout_rate=self.attention_dropout_rate,
+        name="MultiHeadDotProductAttention_1", **kw)(
+            y, y, head_mask=head_mask, deterministic=self.deterministic,
+            need_weights=self.output_attentions)
+    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=self.deterministic)
+    x = x + self._drop_path(y, drop_path_rate)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_2", **kw)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                 hidden_act=self.hidden_act, name="MlpBlock_3", **kw)(
+                     y, deterministic=self.deterministic)
+    x = x + self._drop_path(y, drop_path_rate)
+    if not self.output_attentions:
+      weights = None
+    return x, (x, weights)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds the learned position embedding, resampled if the grid differs."""
+  grid: Tuple[int, int]
+  num_prefix_tokens: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, grid: Tuple[int, int]):
+    num_positions = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+    pe = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                    (1, num_positions, x.shape[-1]), self.param_dtype)
+    if tuple(grid) != tuple(self.grid):
+      pe = posemb_lib.resample(pe, self.grid, grid, self.num_prefix_tokens,
+                               "bicubic")
+    return x + pe.astype(x.dtype)
+
+
+def fixed_posemb(kind: str, grid: Tuple[int, int], num_prefix_tokens: int,
+                 dim: int) -> np.ndarray:
+  """Fixed table [1, prefix + h * w, dim]; prefix positions of sincos2d are 0."""
+  if kind == "sincos2d":
+    table = posemb_lib.sincos2d(grid[0], grid[1], dim)
+    prefix = np.zeros((1, num_prefix_tokens, dim), np.float32)
+    return np.concatenate([prefix, table], axis=1)
+  if kind == "sincos1d":
+    return posemb_lib.sincos1d(num_prefix_tokens + grid[0] * grid[1], dim)
+  raise ValueError(f"unknown fixed position embedding {kind!r}")
+
+
+class Encoder(nn.Module):
+  """Position embeddings, dropout, the blocks and the final LayerNorm."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  grid: Tuple[int, int]
+  num_prefix_tokens: int = 1
+  posemb: str = "learn"
+  dropout_rate: float = 0.
+  attention_dropout_rate: float = 0.
+  stochastic_depth: float = 0.
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  hidden_act: str = "gelu_tanh"
+  layer_norm_eps: float = 1e-6
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _block_class(self):
+    block = Encoder1DBlock
+    if self.remat_policy != "none":
+      policy = getattr(jax.checkpoint_policies, self.remat_policy)
+      block = nn.remat(block, prevent_cse=not self.scan, policy=policy)
+    if self.scan:
+      block = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=0, length=self.num_layers)
+    return block
+
+  def _drop_path_rates(self):
+    """Linearly increasing per-layer rates, 0 for the first block."""
+    if self.num_layers == 1:
+      return np.full((1,), self.stochastic_depth, np.float32)
+    return np.linspace(0., self.stochastic_depth, self.num_layers,
+                       dtype=np.float32)
+
+  @nn.compact
+  def __call__(self, x, grid: Tuple[int, int], *, train: bool = False,
+               head_mask=None, output_attentions: bool = False,
+               output_hidden_states: bool = False):
+    out = {}
+    if self.posemb == "learn":
+      x = AddPositionEmbs(grid=self.grid,
+                          num_prefix_tokens=self.num_prefix_tokens,
+                          param_dtype=self.param_dtype,
+                          name="posembed_input")(x, grid)
+    elif self.posemb != "none":
+      table = fixed_posemb(self.posemb, grid, self.num_prefix_tokens,
+                           x.shape[-1])
+      x = x + jnp.asarray(table, x.dtype)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    if output_hidden_states:
+      out["embeddings"] = x
+
+    rates = self._drop_path_rates()
+    block_kw = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+        hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
+        use_drop_path=self.stochastic_depth > 0, deterministic=not train,
+        output_attentions=output_attentions, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    block = self._block_class()
+    if self.scan:
+      x, (hidden, weights) = block(name="encoderblock", **block_kw)(
+          x, (head_mask, jnp.asarray(rates)))
+      hidden = [hidden[i] for i in range(self.num_layers)]
+      weights = [None if weights is None else weights[i]
+                 for i in range(self.num_layers)]
+    else:
+      hidden, weights = [], []
+      for i in range(self.num_layers):
+        layer_mask = None if head_mask is None else head_mask[i]
+        x, (h, w) = block(name=f"encoderblock_{i}", **block_kw)(
+            x, (layer_mask, float(rates[i])))
+        hidden.append(h)
+        weights.append(w)
+    for i in range(self.num_layers):
+      if output_hidden_states:
+        out[f"block{i}"] = hidden[i]
+      if output_attentions:
+        out[f"block{i}/attention"] = weights[i]
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm",
+                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x, out
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling with a learned probe (as big_vision)."""
+  num_heads: int
+  mlp_dim: int
+  hidden_act: str = "gelu_tanh"
+  layer_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d),
+                       self.param_dtype)
+    probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
+    x, _ = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, name="MultiHeadDotProductAttention_0",
+        **kw)(probe, x)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0", **kw)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, hidden_act=self.hidden_act,
+                     name="MlpBlock_0", **kw)(y)
+    return x[:, 0]
+
+
+def pixel_shuffle(x, r: int):
+  """NHWC depth-to-space in PyTorch's channel order (c * r * r + i * r + j)."""
+  b, h, w, crr = x.shape
+  c = crr // (r * r)
+  x = x.reshape(b, h, w, c, r, r)
+  x = x.transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(b, h * r, w * r, c)
+
+
+class VisionTransformer(nn.Module):
+  """ViT with optional hybrid stem, mask token, MIM decoder and pooled heads."""
+  num_classes: int = 1000
+  patch_size: IntOrPair = 16
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  image_size: IntOrPair = 224
+  num_channels: int = 3
+  classifier: str = "token"
+  posemb: str = "learn"
+  representation_size: Optional[int] = None
+  dropout_rate: float = 0.
+  attention_dropout_rate: float = 0.
+  stochastic_depth: float = 0.
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  hidden_act: str = "gelu_tanh"
+  layer_norm_eps: float = 1e-6
+  head_bias_init: float = 0.
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  use_mask_token: bool = False
+  decoder: bool = False
+  resnet: Optional[Any] = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.check()
+
+  def check(self):
+    """Raises ValueError for inconsistent fields."""
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    for field, value, known in (("classifier", self.classifier, CLASSIFIERS),
+                                ("posemb", self.posemb, POSEMBS),
+                                ("hidden_act", self.hidden_act, ACTIVATIONS)):
+      if value not in known:
+        raise ValueError(f"unknown {field} {value!r}: use one of {known}")
+    if self.posemb == "sincos2d" and self.hidden_size % 4:
+      raise ValueError(f"posemb='sincos2d' needs hidden_size divisible by 4, "
+                       f"got {self.hidden_size}")
+    if (self.remat_policy != "none" and
+        not hasattr(jax.checkpoint_policies, self.remat_policy)):
+      known = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}: use "
+                       f"'none' or a jax.checkpoint_policies name {known}")
+    for field in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, field))
+      except TypeError as e:
+        raise ValueError(f"{field} {getattr(self, field)!r} is not a dtype, "
+                         "use e.g. 'float32' or 'bfloat16'") from e
+    pair(self.patch_size, "patch_size")
+    pair(self.image_size, "image_size")
+    sh, sw = self.encoder_stride
+    if self.decoder and sh != sw:
+      raise ValueError(
+          f"decoder=True needs the encoder stride (= patch size) to be square "
+          f"for the pixel shuffle, got patch size {(sh, sw)}")
+    if self.resnet is not None:
+      unknown = set(dict(self.resnet)) - {"num_layers", "width_factor"}
+      if unknown:
+        raise ValueError(f"unknown resnet fields {sorted(unknown)}: use "
+                         "num_layers and width_factor")
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1 if self.classifier == "token" else 0
+
+  @property
+  def encoder_stride(self) -> Tuple[int, int]:
+    """Pixels per patch along (h, w), including a hybrid stem's stride."""
+    ph, pw = pair(self.patch_size, "patch_size")
+    s = 1
+    if self.resnet is not None:
+      s = resnet_lib.stride(dict(self.resnet).get("num_layers", ()))
+    return (ph * s, pw * s)
+
+  def grid_size(self, image_size: IntOrPair) -> Tuple[int, int]:
+    """Patch grid (h, w) of an image size; ValueError if not divisible."""
+    h, w = pair(image_size, "image_size")
+    sh, sw = self.encoder_stride
+    if h % sh or w % sw:
+      stride = sh if sh == sw else (sh, sw)
+      raise ValueError(f"image size {(h, w)} is not divisible by patch size "
+                       f"{stride}")
+    return (h // sh, w // sw)
+
+  @property
+  def num_patches(self) -> int:
+    h, w = self.grid_size(self.image_size)
+    return h * w
+
+  def _embed(self, images, dtype, param_dtype):
+    x = images
+    if self.resnet is not None:
+      cfg = dict(self.resnet)
+      x = resnet_lib.stem(x, cfg.get("num_layers", ()),
+                          cfg.get("width_factor", 1), dtype=dtype,
+                          param_dtype=param_dtype)
+    patch = pair(self.patch_size, "patch_size")
+    return nn.Conv(features=self.hidden_size, kernel_size=patch,
+                   strides=patch, padding="VALID", name="embedding",
+                   dtype=dtype, param_dtype=param_dtype)(x)
+
+  def _apply_mask(self, x, bool_masked_pos, param_dtype):
+    """HF: embeddings * (1 - w) + mask_token * w, w = bool_masked_pos."""
+    use_mask_token = self.use_mask_token or self.decoder
+    mask_token = None
+    if use_mask_token:
+      mask_token = self.param("mask_token", nn.initializers.zeros,
+                              (1, 1, self.hidden_size), param_dtype)
+    if bool_masked_pos is None:
+      return x
+    if mask_token is None:
+      raise ValueError("bool_masked_pos was given but the model has no mask "
+                       "token: create it with use_mask_token=True")
+    b, n, _ = x.shape
+    if tuple(bool_masked_pos.shape) != (b, n):
+      raise ValueError(f"bool_masked_pos must have shape [batch, num_patches] "
+                       f"= {(b, n)}, got {tuple(bool_masked_pos.shape)}")
+    w = bool_masked_pos[..., None].astype(x.dtype)
+    return x * (1. - w) + mask_token.astype(x.dtype) * w
+
+  def _check_grid(self, grid, built, images_shape, interpolate_pos_encoding):
+    if grid == built or self.posemb == "none" or interpolate_pos_encoding:
+      return
+    raise ValueError(
+        f"image size {tuple(images_shape[1:3])} gives a {grid[0]}x{grid[1]} "
+        f"patch grid but the model was built for image_size "
+        f"{pair(self.image_size)} ({built[0]}x{built[1]}): pass "
+        "interpolate_pos_encoding=True to resample the position embeddings, "
+        "or set image_size")
+
+  def _head_mask(self, head_mask):
+    """Returns head_mask as [num_layers, num_heads] or None."""
+    if head_mask is None:
+      return None
+    head_mask = jnp.asarray(head_mask)
+    shape = (self.num_layers, self.num_heads)
+    if head_mask.shape == (self.num_heads,):
+      return jnp.broadcast_to(head_mask[None], shape)
+    if head_mask.shape != shape:
+      raise ValueError(f"head_mask must have shape [num_heads] = "
+                       f"{(self.num_heads,)} or [num_layers, num_heads] = "
+                       f"{shape}, got {head_mask.shape}")
+    return head_mask
+
+  def _pool(self, x, dtype, param_dtype):
+    if self.classifier == "token":
+      return x[:, 0]
+    if self.classifier == "gap":
+      return jnp.mean(x, axis=1)
+    if self.classifier == "map":
+      return MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                     hidden_act=self.hidden_act,
+                     layer_norm_eps=self.layer_norm_eps, dtype=dtype,
+                     param_dtype=param_dtype, name="MAPHead_0")(x)
+    return x
+
+  def _decode(self, x, grid, dtype, param_dtype):
+    """1x1 conv to stride**2 * C channels, then pixel shuffle."""
+    r = self.encoder_stride[0]
+    b = x.shape[0]
+    x = x[:, self.num_prefix_tokens:].reshape(b, grid[0], grid[1], -1)
+    x = nn.Conv(features=r * r * self.num_channels, kernel_size=(1, 1),
+                name="decoder", dtype=dtype, param_dtype=param_dtype)(x)
+    return pixel_shuffle(x, r)
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, *, bool_masked_pos=None,
+               interpolate_pos_encoding: bool = False, head_mask=None,
+               output_attentions: bool = False,
+               output_hidden_states: bool = False):
+    dtype = jnp.dtype(self.dtype)
+    param_dtype = jnp.dtype(self.param_dtype)
+    if images.ndim != 4:
+      raise ValueError(f"images must be [batch, height, width, channels], got "
+                       f"shape {images.shape}")
+    grid = self.grid_size(images.shape[1:3])
+    built = self.grid_size(self.image_size)
+    self._check_grid(grid, built, images.shape, interpolate_pos_encoding)
+    out = {}
+
+    x = self._embed(images.astype(dtype), dtype, param_dtype)
+    out["stem"] = x
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    x = self._apply_mask(x, bool_masked_pos, param_dtype)
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(dtype), [b, 1, 1]), x], axis=1)
+
+    x, encoder_out = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads, grid=built,
+        num_prefix_tokens=self.num_prefix_tokens, posemb=self.posemb,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        stochastic_depth=self.stochastic_depth, qkv_bias=self.qkv_bias,
+        qk_scale=self.qk_scale, hidden_act=self.hidden_act,
+        layer_norm_eps=self.layer_norm_eps, scan=self.scan,
+        remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype,
+        name="Transformer")(
+            x, grid, train=train, head_mask=self._head_mask(head_mask),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states)
+    out.update(encoder_out)
+    out["encoded"] = x
+
+    x = self._pool(x, dtype, param_dtype)
+    if self.representation_size is not None:
+      x = nn.Dense(self.representation_size, name="pre_logits", dtype=dtype,
+                   param_dtype=param_dtype)(x)
+      x = jnp.tanh(x)
+    out["pre_logits"] = x
+    output = x
+    if self.num_classes:
+      logits = nn.Dense(
+          self.num_classes, name="head", dtype=dtype, param_dtype=param_dtype,
+          kernel_init=nn.initializers.zeros,
+          bias_init=nn.initializers.constant(self.head_bias_init))(x)
+      output = out["logits"] = logits.astype(jnp.float32)
+    if self.decoder:
+      output = self._decode(out["encoded"], grid, dtype, param_dtype)
+      output = out["reconstruction"] = output.astype(jnp.float32)
+    return output, out
