@@ -1,0 +1,303 @@
+"""Checkpoints: orbax manager for resuming, and parameters for fine-tuning.
+
+A training workdir holds `DIR/checkpoints/<step>/` written by an orbax
+`CheckpointManager`, each with two items:
+
+- `state`: {"params", "opt_state", "ema" (when Polyak averaging is on),
+  "rng", "step"} as sharded jax arrays (restored onto any mesh),
+- `data`: JSON with the data iterator state and the step.
+
+`latest_params(workdir)` gives the newest parameters as numpy, in the layout
+they were trained in (per-block `encoderblock_{i}`, or stacked
+`encoderblock` when the model used `scan=True`; `npz.unstack_blocks`
+converts), together with the resolved config from `DIR/config.json`.
+
+`load_init(...)` prepares fine-tuning: parameters from a published-layout
+`.npz` or a workdir, position embeddings resampled to the new grid, head reset
+to zeros, "don't load" regexes skipped.
+"""
+
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax import config_utils
+
+
+def load_npz(path):
+  """Reads a published-layout .npz into our nested parameter tree."""
+  from vit_jax import npz  # pylint: disable=g-import-not-at-top
+  return npz.load_npz(path)
+
+
+def save_npz(path, params):
+  """Writes parameters as a published-layout .npz (flattened `/` keys)."""
+  from vit_jax import npz  # pylint: disable=g-import-not-at-top
+  return npz.save_npz(path, params)
+
+
+def _first_line(e):
+  lines = [l for l in str(e).strip().splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+class Manager:
+  """Saves and restores training state in DIR/checkpoints."""
+
+  def __init__(self, workdir, max_to_keep=3, log=print):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self._corrupt_dir = os.path.abspath(
+        os.path.join(workdir, "corrupt_checkpoints"))
+    self._log = log
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=True),
+        item_names=("state", "data"))
+
+  def all_steps(self):
+    return list(self._mngr.all_steps())
+
+  def save(self, step, state, data_state):
+    """Starts an asynchronous save of `state` (pytree) and `data_state`."""
+    self._mngr.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state)), force=True)
+
+  def wait(self):
+    """Blocks until pending saves are durable on disk."""
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def restore_latest(self, abstract_state):
+    """Restores the newest readable checkpoint.
+
+    A checkpoint that cannot be read is moved to DIR/corrupt_checkpoints
+    (nothing is deleted) and the previous one is tried.
+
+    Args:
+      abstract_state: pytree of jax.ShapeDtypeStruct with shardings.
+
+    Returns:
+      (step, state, data_state), or None when there is no checkpoint.
+    """
+    for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      return step, restored["state"], restored["data"]
+    return None
+
+  def _set_aside(self, step, error):
+    """Moves an unreadable checkpoint out of the manager's directory."""
+    dest = os.path.join(self._corrupt_dir, str(step))
+    self._log(f"checkpoint at step {step} is unreadable ({_first_line(error)})"
+              f"; moved it to {dest} and falling back to the previous one")
+    if jax.process_index() == 0:
+      os.makedirs(self._corrupt_dir, exist_ok=True)
+      if os.path.exists(dest):
+        shutil.rmtree(dest)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self._mngr.reload()
+
+
+def _restore_numpy(step_dir):
+  """Reads a checkpoint's state item as numpy arrays (no mesh needed)."""
+  path = os.path.join(step_dir, "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path).item_metadata.tree
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  return checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(item=meta, restore_args=restore_args))
+
+
+def latest_params(workdir, use_ema=False):
+  """Newest parameters of a training workdir, as numpy, and its config.
+
+  Args:
+    workdir: a directory written by `python -m vit_jax.main`.
+    use_ema: return the Polyak-averaged parameters (when they were kept).
+
+  Returns:
+    (params, config): a nested dict of numpy arrays in the layout it was
+    trained in, and the resolved ConfigDict from DIR/config.json.
+  """
+  config = config_utils.load_config(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = []
+  if os.path.isdir(ckpt_dir):
+    steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()),
+                   reverse=True)
+  if not steps:
+    raise config_utils.Error(f"no checkpoint in {ckpt_dir}: train first")
+  errors = []
+  for step in steps:
+    try:
+      state = _restore_numpy(os.path.join(ckpt_dir, str(step)))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"step {step}: {_first_line(e)}")
+      continue
+    if use_ema:
+      if "ema" not in state:
+        raise config_utils.Error(
+            f"{workdir} has no EMA parameters (optim.ema_decay was 0)")
+      return state["ema"], config
+    return state["params"], config
+  raise config_utils.Error(
+      f"no readable checkpoint in {ckpt_dir}: " + "; ".join(errors))
+
+
+# Fine-tuning initialisation.
+
+
+def flatten(tree, prefix=""):
+  """Nested dict -> {"a/b/c": array}."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) or hasattr(v, "items"):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat):
+  """{"a/b/c": array} -> nested dict."""
+  tree = {}
+  for key, v in flat.items():
+    node = tree
+    parts = key.split("/")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return tree
+
+
+def _is_stacked(flat):
+  return any(k.startswith("Transformer/encoderblock/") for k in flat)
+
+
+def _is_unstacked(flat):
+  return any(k.startswith("Transformer/encoderblock_") for k in flat)
+
+
+def _read_init(path):
+  """Parameters to initialise from: an .npz file or a training workdir."""
+  if os.path.isdir(path):
+    return latest_params(path)[0]
+  if not os.path.exists(path):
+    raise config_utils.Error(
+        f"init checkpoint {path} not found: pass an .npz file or a workdir "
+        "to --config.init")
+  try:
+    return load_npz(path)
+  except ImportError:
+    with np.load(path) as f:  # Plain flattened `/` keys.
+      return unflatten({k: f[k] for k in f.files})
+
+
+def _match_layout(source, target_flat):
+  """Converts the source between stacked and per-block encoder layouts."""
+  from vit_jax import npz  # pylint: disable=g-import-not-at-top
+  flat = flatten(source)
+  if _is_stacked(target_flat) and _is_unstacked(flat):
+    return flatten(npz.stack_blocks(source))
+  if _is_unstacked(target_flat) and _is_stacked(flat):
+    return flatten(npz.unstack_blocks(source))
+  return flat
+
+
+def _resample_posemb(key, value, target, grid, prefix, resample, path):
+  """Position embeddings resampled to the model's grid."""
+  n_old, n_new = value.shape[1], target.shape[1]
+  if not resample:
+    raise config_utils.Error(
+        f"checkpoint has {n_old} positions, model expects {n_new}: pass "
+        "--config.resample_posemb")
+  side = int(round((n_old - prefix) ** 0.5))
+  if side * side != n_old - prefix:
+    raise config_utils.Error(
+        f"{key} in {path} has {n_old} positions, not {prefix} prefix tokens "
+        "plus a square grid: cannot resample it")
+  from vit_jax import posemb  # pylint: disable=g-import-not-at-top
+  return np.asarray(posemb.resample(
+      np.asarray(value), (side, side), tuple(grid), prefix, method="zoom"))
+
+
+def load_init(init_params, config, grid, log=print):
+  """Merges checkpoint parameters into freshly initialised ones.
+
+  Args:
+    init_params: the model's random initialisation (nested dict, numpy or
+      jax arrays).
+    config: the experiment config (init, init_head, resample_posemb,
+      dont_load).
+    grid: the model's patch grid (h, w).
+    log: where to report what was not loaded.
+
+  Returns:
+    A nested dict of numpy arrays shaped like `init_params`.
+  """
+  path = config.init
+  target = {k: np.asarray(v) for k, v in flatten(init_params).items()}
+  source = _match_layout(_read_init(path), target)
+  dont_load = [re.compile(r) for r in (config.get("dont_load") or ())]
+  prefix = 1 if "cls" in target else 0
+  out, kept, mismatched = {}, [], []
+  for key, init in target.items():
+    if any(r.search(key) for r in dont_load):
+      out[key] = init
+      kept.append(key)
+      continue
+    if key.startswith("head/"):
+      value = source.get(key)
+      if (value is None or not config.get("init_head", True)
+          or value.shape != init.shape):
+        out[key] = np.zeros_like(init)
+        continue
+    value = source.get(key)
+    if value is None:
+      out[key] = init
+      kept.append(key)
+      continue
+    value = np.asarray(value)
+    if key.endswith("pos_embedding") and value.shape != init.shape:
+      value = _resample_posemb(key, value, init, grid, prefix,
+                               config.get("resample_posemb"), path)
+    if value.shape != init.shape:
+      mismatched.append(f"{key}: checkpoint {value.shape}, model {init.shape}")
+      continue
+    out[key] = value.astype(init.dtype)
+  if mismatched:
+    raise config_utils.Error(
+        f"{len(mismatched)} parameter shapes in {path} do not fit the model "
+        f"({'; '.join(mismatched)}): check --config.model_name and "
+        "--config.model.*, or skip them with --config.dont_load")
+  if len(kept) == len(target):
+    raise config_utils.Error(
+        f"no parameter of {path} matches the model: is it a ViT checkpoint?")
+  unused = sorted(set(source) - set(target))
+  if kept:
+    log(f"init: kept the random initialisation of {len(kept)} parameters: "
+        + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
+  if unused:
+    log(f"init: ignored {len(unused)} checkpoint entries: "
+        + ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
+  return unflatten(out)

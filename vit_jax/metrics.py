@@ -1,0 +1,76 @@
+"""Metric writer: DIR/metrics.jsonl, TensorBoard events and a progress bar.
+
+Only process 0 writes. Every `write(step, metrics)` appends one JSON object
+`{"step": step, "train/loss": ..., ...}` to metrics.jsonl and the same scalars
+to the TensorBoard event file in DIR/tb.
+"""
+
+import json
+import math
+import os
+import sys
+
+import jax
+
+
+class MetricWriter:
+  """Writes scalars to metrics.jsonl and TensorBoard; shows a progress bar."""
+
+  def __init__(self, workdir, total_steps, initial_step=0, progress=True):
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    self._bar = None
+    if not self.active:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    if progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                       dynamic_ncols=True, file=sys.stderr,
+                       mininterval=1.0, smoothing=0.1)
+
+  def write(self, step, metrics):
+    """Records scalar metrics at `step`."""
+    if not self.active or not metrics:
+      return
+    row = {"step": int(step)}
+    for k, v in metrics.items():
+      v = float(v)
+      row[k] = v if math.isfinite(v) else str(v)
+      self._tb.add_scalar(k, v, int(step))
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    self._tb.flush()
+    if self._bar is not None and "train/loss" in metrics:
+      self._bar.set_postfix(loss=f"{float(metrics['train/loss']):.4f}",
+                            refresh=False)
+
+  def advance(self, n=1):
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def print(self, message):
+    """Prints a line on process 0 without breaking the progress bar."""
+    if not self.active:
+      return
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def close(self):
+    if not self.active:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    self._jsonl.close()
+    self._tb.close()
+
+
+def read_jsonl(workdir):
+  """All rows of DIR/metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
