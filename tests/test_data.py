@@ -1,0 +1,429 @@
+"""Tests of the input pipeline: sources, preprocessing, loaders."""
+
+import importlib.util
+import json
+import os
+
+import folder_fixture
+import numpy as np
+import PIL.Image
+import pytest
+import sklearn.datasets
+import tfds_fixture
+
+from vit_jax import data
+from vit_jax.data import preprocess
+from vit_jax.data import sources
+
+
+def _index_source(num, size=(2, 2)):
+  """Source whose example i has label i and constant pixels 5 * i."""
+  images = np.broadcast_to(
+      (5 * np.arange(num, dtype=np.uint8))[:, None, None, None],
+      (num, *size, 1))
+  return data.ArraySource(images, np.arange(num), num_classes=num,
+                          name=f"index{num}")
+
+
+def _plain_loader(source, global_batch_size, **kwargs):
+  """Loader without augmentation: outputs identify their examples."""
+  return data.train_loader(source, global_batch_size, image_size=(2, 2),
+                           inception_crop=False, flip=False, **kwargs)
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _assert_batches_equal(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key].dtype == b[key].dtype
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+# Digits.
+
+
+def test_digits_sizes_and_pixels():
+  train = data.get_source("digits", "train")
+  test = data.get_source("digits", "test")
+  assert (len(train), len(test)) == (1437, 360)
+  assert train.num_classes == 10 and len(train.class_names) == 10
+  example = train[5]
+  assert example["image"].shape == (8, 8, 1)
+  assert example["image"].dtype == np.uint8
+  # The split is a partition of all 1797 images.
+  train_index, test_index = sources.digits_split_indices()
+  assert not set(train_index) & set(test_index)
+  assert len(set(train_index) | set(test_index)) == 1797
+  # Pixels 0..16 map to 0..255.
+  raw = sklearn.datasets.load_digits()
+  i = train_index[5]
+  np.testing.assert_array_equal(
+      example["image"][..., 0],
+      np.round(raw.images[i] * 255 / 16).astype(np.uint8))
+  assert example["label"] == raw.target[i]
+  assert max(int(train[j]["image"].max()) for j in range(50)) == 255
+
+
+def test_digits_split_is_stratified_and_deterministic():
+  raw_labels = sklearn.datasets.load_digits().target
+  train = data.get_source("digits", "train")
+  test = data.get_source("digits", "test")
+  for split, total in ((train, 1437), (test, 360)):
+    counts = np.bincount(split.labels, minlength=10)
+    expected = np.bincount(raw_labels, minlength=10) * total / 1797
+    assert np.all(np.abs(counts - expected) <= 1), (counts, expected)
+  again = data.get_source("digits", "train")
+  np.testing.assert_array_equal(train.images, again.images)
+  np.testing.assert_array_equal(train.labels, again.labels)
+
+
+def test_digits_unknown_split():
+  with pytest.raises(ValueError, match="unknown split 'validation'"):
+    data.get_source("digits", "validation")
+
+
+# tfds.
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  name = tfds_fixture.build_tiny_tfds(
+      data_dir, name="tiny_digits_test", splits={"train": 40, "test": 12})
+  return name, str(data_dir)
+
+
+def test_tfds_source_reads_the_built_dataset(tfds_dir):
+  name, data_dir = tfds_dir
+  source = data.get_source(name, "train", data_dir=data_dir)
+  assert len(source) == 40
+  assert source.num_classes == 10
+  assert source.class_names == [f"digit{i}" for i in range(10)]
+  # Same examples as generated (PNG is lossless; tfds reorders on write).
+  images, labels = tfds_fixture.digit_images(40, (16, 16), 3, offset=0)
+  written = sorted((im.tobytes(), int(l)) for im, l in zip(images, labels))
+  read = sorted((source[i]["image"].tobytes(), source[i]["label"])
+                for i in range(len(source)))
+  assert read == written
+  assert source[0]["image"].shape == (16, 16, 3)
+  assert source[0]["image"].dtype == np.uint8
+
+
+def test_tfds_prefix_and_split_slicing(tfds_dir):
+  name, data_dir = tfds_dir
+  full = data.get_source(name, "train", data_dir=data_dir)
+  head = data.get_source("tfds:" + name, "train[:25%]", data_dir=data_dir)
+  assert len(head) == 10
+  for i in range(10):
+    np.testing.assert_array_equal(head[i]["image"], full[i]["image"])
+  assert len(data.get_source(name, "test", data_dir=data_dir)) == 12
+
+
+def test_tfds_unknown_feature_key(tfds_dir):
+  name, data_dir = tfds_dir
+  with pytest.raises(KeyError, match="no feature 'fine_label'"):
+    data.get_source(name, "train", data_dir=data_dir, label_key="fine_label")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
+                    reason="with TensorFlow the dataset would be built")
+def test_tfds_not_prepared_needs_tensorflow(tmp_path):
+  with pytest.raises(RuntimeError) as error:
+    data.get_source("cifar10", "train", data_dir=str(tmp_path))
+  message = str(error.value)
+  assert "not prepared in " + str(tmp_path) in message
+  assert 'pip install "vit_jax[tf]"' in message
+
+
+def test_tfds_unknown_dataset(tmp_path):
+  with pytest.raises(ValueError, match="not_a_dataset_xyz"):
+    data.get_source("tfds:not_a_dataset_xyz", "train", data_dir=str(tmp_path))
+
+
+def test_train_loader_on_tfds_resumes(tfds_dir):
+  name, data_dir = tfds_dir
+  source = data.get_source(name, "train", data_dir=data_dir)
+  loader = data.train_loader(source, 8, image_size=(12, 12), seed=3)
+  iterator = iter(loader)
+  _take(iterator, 2)
+  state = data.get_state(iterator)
+  expected = _take(iterator, 4)
+  resumed = iter(data.train_loader(
+      data.get_source(name, "train", data_dir=data_dir), 8,
+      image_size=(12, 12), seed=3))
+  data.set_state(resumed, state)
+  _assert_batches_equal(expected, _take(resumed, 4))
+  assert expected[0]["image"].shape == (8, 12, 12, 3)
+
+
+# Image folders.
+
+
+def test_folder_classes_labels_and_pixels(tmp_path):
+  root = folder_fixture.make_image_folder(
+      tmp_path, classes=("zebra", "ant", "mole"),
+      splits={"train": 3, "val": 2}, mode="L")
+  source = data.get_source("folder:" + root, "train")
+  assert source.class_names == ["ant", "mole", "zebra"]
+  assert source.num_classes == 3 and len(source) == 9
+  assert source.num_channels == 1
+  for i in range(len(source)):
+    path = source.files[i]
+    assert os.path.basename(os.path.dirname(path)) == source.class_names[
+        source[i]["label"]]
+    np.testing.assert_array_equal(source[i]["image"][..., 0],
+                                  np.asarray(PIL.Image.open(path)))
+  assert len(data.get_source("folder:" + root, "val")) == 6
+
+
+def test_folder_channels(tmp_path):
+  rgb = folder_fixture.make_image_folder(tmp_path / "rgb", mode="RGB",
+                                         ext="jpg")
+  source = data.get_source("folder:" + rgb, "train")
+  assert source[0]["image"].shape == (12, 16, 3)
+  forced = data.get_source("folder:" + rgb, "train", num_channels=1)
+  assert forced[0]["image"].shape == (12, 16, 1)
+  mixed = folder_fixture.make_image_folder(
+      tmp_path / "mixed", mode=["L", "RGBA", "L"], sizes=[(9, 7), (5, 11)])
+  source = data.get_source("folder:" + mixed, "train")
+  assert source.num_channels == 3
+  assert {source[i]["image"].shape for i in range(len(source))} == {
+      (9, 7, 3), (5, 11, 3)}
+  gray = folder_fixture.make_image_folder(tmp_path / "gray", mode="L")
+  forced = data.get_source("folder:" + gray, "train", num_channels=3)
+  image = forced[0]["image"]
+  assert image.shape == (12, 16, 3)
+  np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_folder_alpha_is_composited_over_white(tmp_path):
+  directory = tmp_path / "train" / "only"
+  directory.mkdir(parents=True)
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[:2, :, :3] = (10, 20, 30)
+  rgba[:2, :, 3] = 255      # top half opaque, bottom half transparent
+  PIL.Image.fromarray(rgba, "RGBA").save(directory / "a.png")
+  image = data.get_source(f"folder:{tmp_path}", "train")[0]["image"]
+  np.testing.assert_array_equal(image[:2], np.broadcast_to([10, 20, 30],
+                                                           (2, 4, 3)))
+  np.testing.assert_array_equal(image[2:], np.full((2, 4, 3), 255))
+
+
+def test_folder_layout_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.get_source(f"folder:{tmp_path}/nowhere", "train")
+  root = folder_fixture.make_image_folder(tmp_path / "ok", splits={"train": 1})
+  with pytest.raises(FileNotFoundError,
+                     match=r"no split directory 'test'; found splits \['train'"):
+    data.get_source("folder:" + root, "test")
+  (tmp_path / "flat" / "train").mkdir(parents=True)
+  with pytest.raises(ValueError, match="no class subdirectories"):
+    data.get_source(f"folder:{tmp_path}/flat", "train")
+  (tmp_path / "ok" / "train" / "empty_class").mkdir()
+  (tmp_path / "ok" / "train" / "empty_class" / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match=r"without .* images .*\['empty_class'\]"):
+    data.get_source("folder:" + root, "train")
+
+
+# Preprocessing.
+
+
+def test_train_image_shape_and_range():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+  out = preprocess.train_image(image, rng, (16, 24))
+  assert out.shape == (16, 24, 3) and out.dtype == np.float32
+  assert out.min() >= -1 and out.max() <= 1
+  np.testing.assert_array_equal(
+      preprocess.normalize(np.array([0, 255], np.uint8)), [-1.0, 1.0])
+  gray = preprocess.train_image(image, rng, 8, num_channels=1)
+  assert gray.shape == (8, 8, 1)
+
+
+def test_flip_mirrors_the_image():
+  image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+  plain = preprocess.normalize(image)
+  seen = set()
+  for seed in range(16):
+    out = preprocess.train_image(image, np.random.default_rng(seed), (4, 6),
+                                 inception_crop=False, flip=True)
+    if np.array_equal(out, plain):
+      seen.add("same")
+    else:
+      np.testing.assert_array_equal(out, plain[:, ::-1])
+      seen.add("flipped")
+  assert seen == {"same", "flipped"}
+
+
+def test_central_crop_of_a_hand_made_image():
+  # Columns 0..7 hold the values 0, 10, ..., 70; rows are identical.
+  image = np.broadcast_to((10 * np.arange(8, dtype=np.uint8))[None, :, None],
+                          (4, 8, 1)).copy()
+  out = preprocess.eval_image(image, (4, 4))
+  np.testing.assert_array_equal(out, preprocess.normalize(image[:, 2:6]))
+  # Tall target aspect ratio: full height, central 2 of 8 columns.
+  out = preprocess.eval_image(image, (4, 2))
+  np.testing.assert_array_equal(out, preprocess.normalize(image[:, 3:5]))
+  # crop_fraction: the central half of a square image.
+  square = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+  out = preprocess.eval_image(square, (4, 4), crop_fraction=0.5)
+  np.testing.assert_array_equal(out, preprocess.normalize(square[2:6, 2:6]))
+  # Upscaling a constant image keeps it constant.
+  out = preprocess.eval_image(np.full((3, 3, 3), 200, np.uint8), (9, 9))
+  np.testing.assert_allclose(out, (200 - 127.5) / 127.5, rtol=1e-6)
+
+
+def test_inception_crop_box_bounds():
+  rng = np.random.default_rng(0)
+  height, width = 90, 120
+  areas = []
+  for _ in range(300):
+    top, left, h, w = preprocess.inception_crop_box(
+        height, width, rng, area=(0.2, 0.6), aspect_ratio=(0.75, 4 / 3))
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    area = h * w / (height * width)
+    # Rounding of the box sides changes the area by at most a few percent.
+    assert 0.2 * 0.95 <= area <= 0.6 * 1.05
+    assert 0.75 * 0.95 <= w / h <= 4 / 3 * 1.05
+    areas.append(area)
+  assert min(areas) < 0.25 and max(areas) > 0.55
+  # No box of at least 90% of the area fits a 10 x 1000 image with a ratio of
+  # at most 4/3: central crop with the ratio clipped to 4/3.
+  box = preprocess.inception_crop_box(10, 1000, rng, area=(0.9, 1.0))
+  assert box == (0, (1000 - 13) // 2, 10, 13)
+
+
+def test_channel_conversion():
+  rng = np.random.default_rng(1)
+  rgb = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+  luma = preprocess.to_channels(rgb, 1)[..., 0]
+  pil_luma = np.asarray(PIL.Image.fromarray(rgb).convert("L"), np.int16)
+  assert np.abs(luma.astype(np.int16) - pil_luma).max() <= 1
+  gray = rgb[..., :1]
+  np.testing.assert_array_equal(preprocess.to_channels(gray, 3),
+                                np.repeat(gray, 3, -1))
+  with pytest.raises(ValueError, match="2 channels to 3"):
+    preprocess.to_channels(rgb[..., :2], 3)
+
+
+# Training loader.
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch():
+  source = _index_source(41)   # one example dropped: 20 per process
+  epochs = {}
+  for process in (0, 1):
+    iterator = iter(_plain_loader(source, 8, process_index=process,
+                                  process_count=2, seed=5))
+    batches = _take(iterator, 10)   # two epochs of 5 batches of 4
+    assert all(b["label"].shape == (4,) and b["label"].dtype == np.int32
+               for b in batches)
+    labels = np.concatenate([b["label"] for b in batches])
+    # The image identifies the example: pixels are 5 * label.
+    pixels = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+    np.testing.assert_array_equal(
+        pixels, preprocess.normalize((5 * labels).astype(np.uint8)))
+    first, second = labels[:20], labels[20:]
+    assert len(set(first)) == 20 and set(first) == set(second)
+    assert not np.array_equal(first, second)   # reshuffled per epoch
+    epochs[process] = set(first)
+  assert not epochs[0] & epochs[1]
+  assert len(epochs[0] | epochs[1]) == 40
+
+
+def test_loader_is_deterministic_by_seed():
+  source = data.get_source("digits", "train")
+
+  def first_batches(seed):
+    loader = data.train_loader(source, 16, image_size=(10, 10), seed=seed)
+    return _take(iter(loader), 3)
+
+  _assert_batches_equal(first_batches(7), first_batches(7))
+  other = first_batches(8)
+  assert not np.array_equal(first_batches(7)[0]["label"], other[0]["label"])
+
+
+def test_state_restore_reproduces_batches_bitwise():
+  rng = np.random.default_rng(0)
+  source = data.ArraySource(rng.integers(0, 256, (20, 12, 12, 3), np.uint8),
+                            rng.integers(0, 4, 20), num_classes=4, name="rand")
+  loader = data.train_loader(source, 8, image_size=(8, 8), seed=11,
+                             process_index=1, process_count=2)
+  iterator = iter(loader)
+  _take(iterator, 3)               # shard of 10, batches of 4: crosses epochs
+  state = data.get_state(iterator)
+  assert isinstance(state, str)
+  json.loads(state)
+  expected = _take(iterator, 5)
+  resumed = iter(data.train_loader(source, 8, image_size=(8, 8), seed=11,
+                                   process_index=1, process_count=2))
+  data.set_state(resumed, state)
+  _assert_batches_equal(expected, _take(resumed, 5))
+  # Augmentation is random: the same example is cropped differently later.
+  assert expected[0]["image"].std() > 0
+
+
+def test_loader_batch_size_and_channels():
+  source = data.get_source("digits", "test")
+  batch = next(iter(data.train_loader(source, 12, image_size=(6, 6),
+                                      process_count=3, process_index=2,
+                                      num_channels=3)))
+  assert batch["image"].shape == (4, 6, 6, 3)
+  np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
+  with pytest.raises(ValueError, match="10 is not divisible by the number of "
+                     "processes 4"):
+    data.train_loader(source, 10, image_size=8, process_count=4)
+
+
+def test_loader_on_folder_with_mixed_sizes(tmp_path):
+  root = folder_fixture.make_image_folder(tmp_path, sizes=[(9, 7), (20, 11)])
+  source = data.get_source("folder:" + root, "train")
+  batch = next(iter(data.train_loader(source, 6, image_size=(8, 8))))
+  assert batch["image"].shape == (6, 8, 8, 3)
+
+
+# Evaluation batches.
+
+
+@pytest.mark.parametrize("num, global_batch, process_count",
+                         [(37, 12, 1), (37, 12, 2), (37, 12, 3), (37, 12, 4),
+                          (5, 4, 4), (24, 8, 2)])
+def test_eval_batches_cover_every_example_once(num, global_batch,
+                                               process_count):
+  source = _index_source(num)
+  local = global_batch // process_count
+  expected_batches = data.num_eval_batches(num, global_batch, process_count)
+  seen = []
+  for process in range(process_count):
+    batches = list(data.eval_batches(source, global_batch, (2, 2),
+                                     process_index=process,
+                                     process_count=process_count))
+    assert len(batches) == expected_batches
+    for batch in batches:
+      assert batch["image"].shape == (local, 2, 2, 1)
+      assert batch["label"].shape == batch["mask"].shape == (local,)
+      assert batch["mask"].dtype == bool
+      labels = batch["label"][batch["mask"]]
+      np.testing.assert_array_equal(
+          batch["image"][batch["mask"], 0, 0, 0],
+          preprocess.normalize((5 * labels).astype(np.uint8)))
+      assert not batch["image"][~batch["mask"]].any()
+      seen.extend(labels.tolist())
+  assert sorted(seen) == list(range(num))
+  # Padding never exceeds one batch per process.
+  assert expected_batches * global_batch - num < global_batch * 2
+
+
+def test_eval_batches_preserve_pixels():
+  source = data.get_source("digits", "test")
+  batches = list(data.eval_batches(source, 64, (8, 8)))
+  images = np.concatenate([b["image"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 360 and not mask[360:].any()
+  np.testing.assert_array_equal(images[:360],
+                                preprocess.normalize(source.images))
