@@ -1,0 +1,140 @@
+"""The model fields implied by a parameter tree (for checkpoints without a config).
+
+Everything structural is read off the shapes: width, depth, heads (from the query
+kernel, (D, H, D/H)), mlp_dim, patch size, channels, pooling (cls token / MAPHead /
+neither), representation size, number of classes, mask token, MIM decoder and the
+hybrid ResNet stem. The image size comes from the position table when its grid is
+square; non-square grids need the image size to be given. The GELU variant and the
+LayerNorm epsilon leave no trace in the parameters: they default to the original
+checkpoints' (tanh GELU, 1e-6) and can be overridden.
+"""
+
+import math
+import re
+
+import numpy as np
+
+from vit_jax import npz
+from vit_jax.models import resnet as resnet_lib
+
+DEFAULTS = dict(hidden_act="gelu_tanh", layer_norm_eps=1e-6)
+
+
+def _pair(value):
+  if isinstance(value, (int, np.integer)):
+    return (int(value), int(value))
+  value = tuple(int(v) for v in value)
+  if len(value) != 2:
+    raise ValueError(f"expected an int or (height, width), got {value}")
+  return value
+
+
+def _maybe_int(pair):
+  return pair[0] if pair[0] == pair[1] else tuple(pair)
+
+
+def _resnet(flat):
+  """Hybrid stem fields from `block{j}/unit{k}` names, or None."""
+  if "conv_root/kernel" not in flat:
+    return None
+  units = {}
+  for key in flat:
+    m = re.match(r"block(\d+)/unit(\d+)/", key)
+    if m:
+      units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
+  num_layers = tuple(units[j] for j in sorted(units))
+  width = flat["conv_root/kernel"].shape[-1]
+  width_factor = width // 64 if width % 64 == 0 else width / 64
+  return dict(num_layers=num_layers, width_factor=width_factor)
+
+
+def _grid(num_positions, image_size, stride, what):
+  """Patch grid from the number of grid positions (and the image size if given)."""
+  if image_size is not None:
+    h, w = _pair(image_size)
+    if h % stride[0] or w % stride[1]:
+      raise ValueError(f"image size {(h, w)} is not divisible by patch size "
+                       f"{_maybe_int(stride)}")
+    grid = (h // stride[0], w // stride[1])
+    if num_positions is not None and grid[0] * grid[1] != num_positions:
+      raise ValueError(
+          f"{what} has {num_positions} grid positions but image size {(h, w)} "
+          f"with patch size {_maybe_int(stride)} gives {grid[0]}x{grid[1]} = "
+          f"{grid[0] * grid[1]}: pass the image size the checkpoint was trained at")
+    return grid
+  if num_positions is None:
+    raise ValueError(f"{what} has no position table to read the image size "
+                     "from: pass --image_size")
+  side = math.isqrt(num_positions)
+  if side * side != num_positions:
+    raise ValueError(
+        f"{what} has {num_positions} grid positions, not a square grid: pass "
+        "--image_size=H,W")
+  return (side, side)
+
+
+def model_config(params, image_size=None, posemb=None, what="checkpoint"):
+  """Returns the VisionTransformer fields of a parameter tree (our layout).
+
+  Args:
+    params: nested or flat parameter tree, per-block or stacked.
+    image_size: optional int or (h, w); required when the grid is not square or
+      the model has no learned position table.
+    posemb: kind of position embedding when the tree has no learned table
+      ("sincos2d", "sincos1d" or "none"); defaults to "sincos2d".
+    what: name of the source for error messages.
+  """
+  flat = npz.unstack_blocks(npz.flatten(params) if any(
+      hasattr(v, "items") for v in params.values()) else dict(params))
+  if "embedding/kernel" not in flat:
+    raise ValueError(f"{what} has no `embedding/kernel`: not a ViT parameter tree")
+  shape = lambda k: tuple(np.shape(flat[k]))
+  kernel = shape("embedding/kernel")
+  width = kernel[-1]
+  depth = 0
+  while f"Transformer/encoderblock_{depth}/LayerNorm_0/scale" in flat:
+    depth += 1
+  if not depth:
+    raise ValueError(f"{what} has no encoder blocks (Transformer/encoderblock_0/...)")
+  attn = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+  cfg = dict(DEFAULTS)
+  cfg.update(
+      hidden_size=width,
+      num_layers=depth,
+      num_heads=shape(attn + "query/kernel")[1],
+      mlp_dim=shape("Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel")[1],
+      patch_size=_maybe_int(kernel[:2]),
+      qkv_bias=attn + "query/bias" in flat,
+      use_mask_token="mask_token" in flat,
+      decoder=any(k.startswith("decoder/") for k in flat),
+      representation_size=(shape("pre_logits/kernel")[1]
+                           if "pre_logits/kernel" in flat else None),
+      num_classes=shape("head/kernel")[1] if "head/kernel" in flat else 0,
+      resnet=_resnet(flat),
+  )
+  if "MAPHead_0/probe" in flat:
+    cfg["classifier"] = "map"
+  elif "cls" in flat:
+    cfg["classifier"] = "token"
+  else:
+    cfg["classifier"] = "gap"
+  cfg["num_channels"] = (shape("conv_root/kernel")[2] if cfg["resnet"]
+                         else kernel[2])
+  prefix = 1 if cfg["classifier"] == "token" else 0
+  num_positions = None
+  if npz.POSEMB in flat:
+    cfg["posemb"] = "learn"
+    num_positions = shape(npz.POSEMB)[1] - prefix
+  else:
+    cfg["posemb"] = posemb or "sincos2d"
+  stem = resnet_lib.stride(cfg["resnet"]["num_layers"]) if cfg["resnet"] else 1
+  stride = (kernel[0] * stem, kernel[1] * stem)
+  grid = _grid(num_positions, image_size, stride, what)
+  cfg["image_size"] = _maybe_int((grid[0] * stride[0], grid[1] * stride[1]))
+  if cfg["decoder"]:
+    out = shape("decoder/kernel")[-1]
+    if out != stride[0] * stride[1] * cfg["num_channels"]:
+      raise ValueError(
+          f"{what}: decoder/kernel has {out} output channels, expected "
+          f"patch {stride[0]}x{stride[1]} x {cfg['num_channels']} channels")
+  return cfg
