@@ -52,6 +52,7 @@ def test_digits_sizes_and_pixels():
   test = data.get_source("digits", "test")
   assert (len(train), len(test)) == (1437, 360)
   assert train.num_classes == 10 and len(train.class_names) == 10
+  assert train.num_channels == 1
   example = train[5]
   assert example["image"].shape == (8, 8, 1)
   assert example["image"].dtype == np.uint8
@@ -104,6 +105,7 @@ def test_tfds_source_reads_the_built_dataset(tfds_dir):
   assert len(source) == 40
   assert source.num_classes == 10
   assert source.class_names == [f"digit{i}" for i in range(10)]
+  assert source.num_channels == 3
   # Same examples as generated (PNG is lossless; tfds reorders on write).
   images, labels = tfds_fixture.digit_images(40, (16, 16), 3, offset=0)
   written = sorted((im.tobytes(), int(l)) for im, l in zip(images, labels))

@@ -6,10 +6,14 @@ loop turns them into global arrays.
 
 Training randomness (shuffling, crops, flips) depends only on the seed and
 the global position in the sample stream: grain's `IndexSampler` gives record
-`i` the generator `Philox(key=seed + i)`. A restored iterator therefore
-continues with exactly the batches the interrupted one would have produced.
+`i` the generator `Philox(key=s + i)`, where `s` is a 31-bit hash of the seed
+(so that nearby seeds do not share shifted streams). A restored iterator
+therefore continues with exactly the batches the interrupted one would have
+produced. Batch composition also depends on `worker_count` (grain batches
+within each worker), so resume with the same worker count.
 """
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -23,6 +27,13 @@ def local_batch_size(global_batch_size, process_count):
         f"global batch size {global_batch_size} is not divisible by the "
         f"number of processes {process_count}")
   return global_batch_size // process_count
+
+
+def _sampler_seed(seed):
+  """A well-mixed 31-bit sampler seed derived from a user seed."""
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  return int(np.random.SeedSequence(int(seed)).generate_state(1)[0] >> 1)
 
 
 class _TrainTransform(grain.transforms.RandomMap):
@@ -72,7 +83,9 @@ def train_loader(source, global_batch_size, image_size, seed=0,
     aspect_ratio: (min, max) width / height of the random crop.
     flip: random horizontal flips.
     num_channels: convert images to 1 or 3 channels (None keeps them).
-    worker_count: grain worker processes (0 = in this process).
+    worker_count: grain worker processes (0 = in this process). The batch
+      sequence depends on it; a saved state only restores with the same
+      value.
     worker_buffer_size: batches each worker prepares ahead.
     shuffle: shuffle the examples (each epoch differently).
     num_epochs: None repeats forever.
@@ -89,12 +102,16 @@ def train_loader(source, global_batch_size, image_size, seed=0,
     raise ValueError(
         f"source has {len(source)} examples, fewer than the "
         f"{process_count} processes that each need a shard")
+  if worker_count and not flags.FLAGS.is_parsed():
+    # Grain's worker processes read absl flags; outside of an absl app (e.g.
+    # in a notebook) their defaults are used.
+    flags.FLAGS.mark_as_parsed()
   shard_options = grain.sharding.ShardOptions(
       shard_index=process_index, shard_count=process_count,
       drop_remainder=True)
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard_options, shuffle=shuffle,
-      num_epochs=num_epochs, seed=seed)
+      num_epochs=num_epochs, seed=_sampler_seed(seed))
   transform = _TrainTransform(
       image_size=preprocess.as_size(image_size),
       inception_crop=inception_crop, crop_area=tuple(crop_area),

@@ -1,7 +1,8 @@
 """Random-access image sources: bundled digits, image folders, tfds datasets.
 
 Every source is a sequence of examples `{"image": uint8 [H, W, C], "label": int}`
-with `num_classes` and `class_names` attributes. Sources are plain
+with `num_classes`, `class_names` and `num_channels` (C, or None when
+unknown) attributes. Sources are plain
 random-access objects (`len`, `__getitem__`), which is what grain reads.
 
 Dataset names understood by `get_source`:
@@ -39,6 +40,7 @@ class ArraySource:
     self.num_classes = int(num_classes)
     self.class_names = class_names
     self.name = name
+    self.num_channels = self.images.shape[-1] if self.images.ndim == 4 else None
 
   def __len__(self):
     return len(self.labels)
@@ -78,16 +80,18 @@ def digits_source(split):
 
 
 def _is_grayscale(mode):
-  return mode in ("1", "L", "LA", "I", "I;16", "F", "P;L")
+  return mode in ("1", "L", "LA") or mode.startswith(("I", "F"))
 
 
 def _decode(path, mode):
   with PIL.Image.open(path) as image:
-    if image.mode in ("I", "I;16", "F") and mode == "L":
+    if image.mode.startswith(("I", "F")):
+      # 16-bit or float grayscale: scale to 8 bits.
       array = np.asarray(image, np.float64)
       peak = 65535.0 if array.max() > 255 else 255.0
-      return np.round(np.clip(array, 0, peak) * (255.0 / peak)).astype(
+      array = np.round(np.clip(array, 0, peak) * (255.0 / peak)).astype(
           np.uint8)[..., None]
+      return array if mode == "L" else np.repeat(array, 3, axis=-1)
     if image.mode in ("RGBA", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info):
       # Composite transparent pixels over white rather than keeping the alpha.
@@ -223,6 +227,9 @@ class TfdsSource:
         raise KeyError(
             f"tfds dataset {name!r} has no feature {key!r}; its features are "
             f"{sorted(features.keys())}: set image_key / label_key")
+    shape = getattr(features[image_key], "shape", None)
+    self.num_channels = shape[-1] if shape and len(shape) == 3 else (
+        1 if shape and len(shape) == 2 else None)
     label = features[label_key]
     self.num_classes = getattr(label, "num_classes", None)
     names = getattr(label, "names", None)
