@@ -1,0 +1,122 @@
+"""Tests for vit_jax.losses and vit_jax.masking."""
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import losses
+from vit_jax import masking
+
+
+def _log_softmax(x):
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def test_softmax_xent_by_hand():
+  logits = np.array([[1., 2., 3.], [0., -1., 4.]], np.float32)
+  labels = np.array([[0., 0., 1.], [.5, .5, 0.]], np.float32)
+  per_example = -(labels * _log_softmax(logits.astype(np.float64))).sum(-1)
+  np.testing.assert_allclose(
+      losses.softmax_xent(logits, labels, reduction=False), per_example,
+      rtol=1e-6)
+  np.testing.assert_allclose(losses.softmax_xent(logits, labels),
+                             per_example.mean(), rtol=1e-6)
+
+
+def test_sigmoid_xent_by_hand():
+  logits = np.array([[1., -2.], [0.5, 3.]], np.float32)
+  labels = np.array([[1., 0.], [0., 1.]], np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  nll = -(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum(-1)
+  np.testing.assert_allclose(losses.sigmoid_xent(logits, labels), nll.mean(),
+                             rtol=1e-6)
+
+
+def test_mse_regression_head_shape():
+  pred = np.array([[1.], [2.], [4.]], np.float32)
+  target = np.array([0., 2., 1.], np.float32)
+  np.testing.assert_allclose(losses.mse(pred, target), (1 + 0 + 9) / 3)
+  np.testing.assert_allclose(losses.mse(pred, target, reduction=False),
+                             [1, 0, 9])
+  with pytest.raises(ValueError, match="different shapes"):
+    losses.mse(np.zeros((3, 2)), target)
+
+
+def _masked_l1_by_hand(pixels, recon, mask, ph, pw):
+  b, h, w, c = pixels.shape
+  gw = w // pw
+  total, count = 0., 0.
+  for i in range(b):
+    for y in range(h):
+      for x in range(w):
+        if mask[i, (y // ph) * gw + x // pw]:
+          total += np.abs(pixels[i, y, x] - recon[i, y, x]).sum()
+          count += 1
+  return total / (count + 1e-5) / c
+
+
+@pytest.mark.parametrize("patch", [4, (4, 2)])
+def test_masked_l1_by_hand(patch):
+  rng = np.random.default_rng(0)
+  ph, pw = (patch, patch) if isinstance(patch, int) else patch
+  pixels = rng.normal(size=(2, 8, 12, 3)).astype(np.float32)
+  recon = rng.normal(size=pixels.shape).astype(np.float32)
+  mask = rng.random((2, (8 // ph) * (12 // pw))) < 0.5
+  got = losses.masked_l1(pixels, recon, mask, patch)
+  np.testing.assert_allclose(
+      got, _masked_l1_by_hand(pixels, recon, mask, ph, pw), rtol=1e-5)
+
+
+def test_masked_l1_matches_hugging_face_formula():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  p, size, c = 4, 8, 3
+  pixels = rng.normal(size=(2, size, size, c)).astype(np.float32)
+  recon = rng.normal(size=pixels.shape).astype(np.float32)
+  mask = rng.random((2, (size // p)**2)) < 0.5
+  # ViTForMaskedImageModeling.forward, on NCHW tensors.
+  pv = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+  rv = torch.from_numpy(recon).permute(0, 3, 1, 2)
+  m = torch.from_numpy(mask).reshape(-1, size // p, size // p)
+  m = m.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
+  m = m.contiguous()
+  loss = torch.nn.functional.l1_loss(pv, rv, reduction="none")
+  expected = ((loss * m).sum() / (m.sum() + 1e-5) / c).item()
+  np.testing.assert_allclose(losses.masked_l1(pixels, recon, mask, p),
+                             expected, rtol=1e-5)
+
+
+def test_masked_l1_errors():
+  x = np.zeros((1, 8, 8, 1), np.float32)
+  with pytest.raises(ValueError, match=r"bool_masked_pos must have shape"):
+    losses.masked_l1(x, x, np.zeros((1, 3), bool), 4)
+  with pytest.raises(ValueError, match=r"not divisible by patch size"):
+    losses.masked_l1(x, x, np.zeros((1, 4), bool), 3)
+
+
+def test_random_mask_counts():
+  mask = masking.random_mask(jax.random.PRNGKey(0), 5, 16, 0.4)
+  mask = np.asarray(mask)
+  assert mask.shape == (5, 16) and mask.dtype == bool
+  np.testing.assert_array_equal(mask.sum(axis=1), np.ceil(16 * 0.4))
+  assert len({row.tobytes() for row in mask}) > 1  # Differs per example.
+
+
+def test_block_mask_cells():
+  masks = masking.block_mask(0, 3, (4, 6), ratio=0.5, mask_patch_size=2)
+  assert masks.shape == (3, 24) and masks.dtype == bool
+  grid = masks.reshape(3, 4, 6)
+  cells = grid.reshape(3, 2, 2, 3, 2).transpose(0, 1, 3, 2, 4).reshape(3, 6, 4)
+  # Each 2x2 cell of patches is all masked or all visible.
+  assert np.all(cells.all(-1) | ~cells.any(-1))
+  np.testing.assert_array_equal(cells.all(-1).sum(-1), 3)  # ceil(0.5 * 6)
+  np.testing.assert_array_equal(
+      masking.block_mask(0, 3, (4, 6), 0.5, 2), masks)  # Seeded.
+
+
+def test_mask_errors():
+  with pytest.raises(ValueError, match=r"grid \(4, 6\) is not divisible"):
+    masking.block_mask(0, 1, (4, 6), mask_patch_size=4)
+  with pytest.raises(ValueError, match="ratio must be in"):
+    masking.random_mask(jax.random.PRNGKey(0), 1, 4, 1.5)
