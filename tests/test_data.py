@@ -135,7 +135,7 @@ def test_tfds_unknown_feature_key(tfds_dir):
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
                     reason="with TensorFlow the dataset would be built")
 def test_tfds_not_prepared_needs_tensorflow(tmp_path):
-  with pytest.raises(RuntimeError) as error:
+  with pytest.raises(data.DatasetNotPreparedError) as error:
     data.get_source("cifar10", "train", data_dir=str(tmp_path))
   message = str(error.value)
   assert "not prepared in " + str(tmp_path) in message

@@ -86,7 +86,7 @@ def _builder_class(name, image_shape, splits):
 
 
 def build_tiny_tfds(data_dir, name="tiny_digits", image_size=(16, 16),
-                    num_channels=3, splits=None):
+                    num_channels=3, splits=None, file_format="array_record"):
   """Builds a small array_record tfds dataset in `data_dir`; returns its name.
 
   Args:
@@ -96,11 +96,13 @@ def build_tiny_tfds(data_dir, name="tiny_digits", image_size=(16, 16),
     image_size: (height, width) of the stored images.
     num_channels: 1 or 3.
     splits: {split: number of examples}; default {"train": 200, "test": 50}.
+    file_format: tfds file format ("array_record" is the one
+      `tfds.data_source` reads).
   """
   splits = dict(splits or {"train": 200, "test": 50})
   image_shape = (int(image_size[0]), int(image_size[1]), int(num_channels))
   builder = _builder_class(name, image_shape, splits)(data_dir=str(data_dir))
   builder.download_and_prepare(
-      file_format="array_record",
+      file_format=file_format,
       download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return name

@@ -19,6 +19,7 @@ from vit_jax.data.loader import train_loader
 from vit_jax.data.preprocess import eval_image
 from vit_jax.data.preprocess import train_image
 from vit_jax.data.sources import ArraySource
+from vit_jax.data.sources import DatasetNotPreparedError
 from vit_jax.data.sources import FolderSource
 from vit_jax.data.sources import TfdsSource
 from vit_jax.data.sources import digits_source

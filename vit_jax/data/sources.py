@@ -28,6 +28,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MODE_SAMPLE = 64
 
 
+class DatasetNotPreparedError(FileNotFoundError):
+  """A tfds dataset is not prepared in data_dir and cannot be built here."""
+
+
 class ArraySource:
   """In-memory source over uint8 images [N, H, W, C] and integer labels."""
 
@@ -202,7 +206,7 @@ def _prepared_builder(name, data_dir):
   if builder.is_prepared():
     return builder
   if not _tensorflow_available():
-    raise RuntimeError(
+    raise DatasetNotPreparedError(
         f"tfds dataset {name!r} is not prepared in {where}, and building it "
         'needs TensorFlow: pip install "vit_jax[tf]" (or point data_dir at a '
         "prepared copy in array_record format)")
@@ -238,7 +242,7 @@ class TfdsSource:
       self._source = tfds.data_source(
           name, split=split, data_dir=data_dir, download=False)
     except NotImplementedError as e:
-      raise RuntimeError(
+      raise ValueError(
           f"tfds dataset {name!r} in {builder.data_dir} is not stored as "
           "array_record, which tfds.data_source needs: rebuild it with "
           'download_and_prepare(file_format="array_record")') from e
