@@ -33,7 +33,7 @@ EXTRAS = {
     "torch": TORCH,
     "test": ["pytest>=8", "scikit-image>=0.22"] + TORCH,
     "tf": ["tensorflow>=2.16"],
-    "gpu": ["jax[cuda12]"],
+    "gpu": ["jax[cuda13]"],
 }
 
 setup(
