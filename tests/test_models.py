@@ -1,0 +1,275 @@
+"""Tests for vit_jax.models: registry, parameter tree and counts, shapes, errors.
+
+Everything here traces with `jax.eval_shape` (no compilation, no allocation);
+numerical checks of the forward pass are in test_model_numerics.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+
+RNG = {"params": jax.random.PRNGKey(0)}
+
+
+def _images(shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _param_shapes(model, shape=(1, 224, 224, 3)):
+  variables = jax.eval_shape(model.init, RNG, _images(shape))
+  flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  return {"/".join(k.key for k in path): tuple(v.shape) for path, v in flat}
+
+
+@functools.lru_cache(maxsize=None)
+def _variant_shapes(name, overrides=()):
+  return _param_shapes(models.create(name, **dict(overrides)))
+
+
+def _count(shapes):
+  return sum(int(np.prod(s)) for s in shapes.values())
+
+
+@pytest.mark.parametrize("name,overrides,expected", [
+    ("Ti/16", {}, 5_717_416),
+    ("S/16", {}, 22_050_664),
+    ("B/16", {}, 86_567_656),
+    ("B/32", {}, 88_224_232),
+    ("L/16", {}, 304_326_632),
+    ("H/14", {}, 632_045_800),
+    ("B/16", {"classifier": "gap"}, 86_566_120),
+    ("R50+B/16", {}, 98_659_112),
+])
+def test_parameter_counts(name, overrides, expected):
+  shapes = _variant_shapes(name, tuple(sorted(overrides.items())))
+  assert _count(shapes) == expected
+
+
+def _design_doc_names(depth):
+  """Parameter names of design.md section 3 (token pooling, no extras)."""
+  names = ["cls", "embedding/kernel", "embedding/bias",
+           "Transformer/posembed_input/pos_embedding",
+           "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias",
+           "head/kernel", "head/bias"]
+  for i in range(depth):
+    block = f"Transformer/encoderblock_{i}"
+    for ln in ("LayerNorm_0", "LayerNorm_2"):
+      names += [f"{block}/{ln}/scale", f"{block}/{ln}/bias"]
+    for proj in ("query", "key", "value", "out"):
+      names += [f"{block}/MultiHeadDotProductAttention_1/{proj}/kernel",
+                f"{block}/MultiHeadDotProductAttention_1/{proj}/bias"]
+    for dense in ("Dense_0", "Dense_1"):
+      names += [f"{block}/MlpBlock_3/{dense}/kernel",
+                f"{block}/MlpBlock_3/{dense}/bias"]
+  return names
+
+
+def test_b16_parameter_names_and_shapes_match_design():
+  shapes = _variant_shapes("B/16")
+  assert sorted(shapes) == sorted(_design_doc_names(12))
+  d, h, m = 768, 12, 3072
+  mha = "Transformer/encoderblock_3/MultiHeadDotProductAttention_1"
+  assert shapes["cls"] == (1, 1, d)
+  assert shapes["embedding/kernel"] == (16, 16, 3, d)
+  assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 197, d)
+  assert shapes[f"{mha}/query/kernel"] == (d, h, d // h)
+  assert shapes[f"{mha}/value/bias"] == (h, d // h)
+  assert shapes[f"{mha}/out/kernel"] == (h, d // h, d)
+  assert shapes[f"{mha}/out/bias"] == (d,)
+  assert shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] == (
+      d, m)
+  assert shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel"] == (
+      m, d)
+  assert shapes["head/kernel"] == (d, 1000)
+
+
+def test_optional_parameters():
+  base = dict(image_size=32)
+  shapes = _param_shapes(
+      models.create("testing", representation_size=12, use_mask_token=True,
+                    **base), (1, 32, 32, 3))
+  assert shapes["pre_logits/kernel"] == (16, 12)
+  assert shapes["head/kernel"] == (12, 10)
+  assert shapes["mask_token"] == (1, 1, 16)
+  shapes = _param_shapes(models.create("testing", classifier="gap", **base),
+                         (1, 32, 32, 3))
+  assert "cls" not in shapes
+  assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 16, 16)
+  shapes = _param_shapes(models.create("testing", posemb="sincos2d", **base),
+                         (1, 32, 32, 3))
+  assert not any("posembed_input" in n for n in shapes)
+  shapes = _param_shapes(models.create("testing", qkv_bias=False, **base),
+                         (1, 32, 32, 3))
+  mha = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1"
+  assert f"{mha}/query/bias" not in shapes and f"{mha}/out/bias" in shapes
+  shapes = _param_shapes(models.create("testing", num_classes=0, **base),
+                         (1, 32, 32, 3))
+  assert not any(n.startswith("head") for n in shapes)
+  shapes = _param_shapes(models.create("testing", decoder=True, **base),
+                         (1, 32, 32, 3))
+  assert shapes["decoder/kernel"] == (1, 1, 16, 8 * 8 * 3)
+  assert shapes["mask_token"] == (1, 1, 16)
+
+
+def test_map_head_parameters():
+  shapes = _param_shapes(models.create("testing", classifier="map"),
+                         (1, 32, 32, 3))
+  assert "cls" not in shapes
+  assert shapes["MAPHead_0/probe"] == (1, 1, 16)
+  assert shapes["MAPHead_0/MultiHeadDotProductAttention_0/query/kernel"] == (
+      16, 2, 8)
+  assert shapes["MAPHead_0/LayerNorm_0/scale"] == (16,)
+  assert shapes["MAPHead_0/MlpBlock_0/Dense_0/kernel"] == (16, 32)
+
+
+def test_scan_stacks_blocks_under_encoderblock():
+  per_block = _param_shapes(models.create("testing", num_layers=3),
+                            (1, 32, 32, 3))
+  scanned = _param_shapes(models.create("testing", num_layers=3, scan=True),
+                          (1, 32, 32, 3))
+  prefix = "Transformer/encoderblock/"
+  stacked = {n[len(prefix):]: s for n, s in scanned.items()
+             if n.startswith(prefix)}
+  block0 = "Transformer/encoderblock_0/"
+  expected = {n[len(block0):]: (3,) + s for n, s in per_block.items()
+              if n.startswith(block0)}
+  assert stacked == expected
+  others = {n for n in scanned if not n.startswith(prefix)}
+  assert others == {n for n in per_block if "encoderblock_" not in n}
+
+
+def test_hybrid_parameter_names():
+  shapes = _variant_shapes("R50+B/16")
+  assert shapes["conv_root/kernel"] == (7, 7, 3, 64)
+  assert shapes["gn_root/scale"] == (64,)
+  assert shapes["block1/unit1/conv_proj/kernel"] == (1, 1, 64, 256)
+  assert shapes["block1/unit1/gn_proj/bias"] == (256,)
+  assert shapes["block3/unit9/conv3/kernel"] == (1, 1, 256, 1024)
+  assert shapes["block2/unit4/conv2/kernel"] == (3, 3, 128, 128)
+  assert not any(n.startswith("block4") for n in shapes)
+  assert shapes["embedding/kernel"] == (1, 1, 1024, 768)
+  assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 197, 768)
+  s32 = _variant_shapes("R26+S/32")
+  assert s32["block4/unit2/conv3/kernel"] == (1, 1, 512, 2048)
+  assert s32["Transformer/posembed_input/pos_embedding"] == (1, 50, 384)
+
+
+def _shapes_out(model, shape, **kwargs):
+  variables = jax.eval_shape(model.init, RNG, _images(shape))
+  fn = lambda v, x: model.apply(v, x, **kwargs)
+  return jax.eval_shape(fn, variables, _images(shape))
+
+
+@pytest.mark.parametrize("patch,grid", [(16, (2, 3)), ((16, 8), (2, 6))])
+def test_non_square_images_and_patches(patch, grid):
+  model = models.create("testing", patch_size=patch, image_size=(32, 48))
+  output, out = _shapes_out(model, (2, 32, 48, 3),
+                            output_hidden_states=True)
+  assert output.shape == (2, 10)
+  assert out["stem"].shape == (2, *grid, 16)
+  assert out["encoded"].shape == (2, 1 + grid[0] * grid[1], 16)
+
+
+def test_single_channel_and_decoder_shapes():
+  model = models.create("testing", num_channels=1, decoder=True,
+                        image_size=(16, 24))
+  output, out = _shapes_out(model, (2, 16, 24, 1))
+  assert output.shape == (2, 16, 24, 1)
+  assert out["reconstruction"].shape == (2, 16, 24, 1)
+  assert out["logits"].shape == (2, 10)
+
+
+def test_output_kinds():
+  shape = (2, 32, 32, 3)
+  output, out = _shapes_out(models.create("testing", num_classes=1), shape)
+  assert output.shape == (2, 1)
+  output, out = _shapes_out(
+      models.create("testing", num_classes=0, representation_size=6), shape)
+  assert output.shape == (2, 6) and "logits" not in out
+  output, out = _shapes_out(models.create("testing", classifier="unpooled"),
+                            shape)
+  assert output.shape == (2, 16, 10)
+  _, out = _shapes_out(models.create("testing", num_layers=2), shape,
+                       output_attentions=True, output_hidden_states=True)
+  assert out["block1"].shape == (2, 17, 16)
+  assert out["block1/attention"].shape == (2, 2, 17, 17)
+  assert out["embeddings"].shape == (2, 17, 16)
+
+
+def test_hybrid_shapes():
+  model = models.create("testing", resnet=dict(num_layers=(1, 1),
+                                               width_factor=0.5),
+                        patch_size=1, image_size=32)
+  output, out = _shapes_out(model, (2, 32, 32, 3))
+  assert out["stem"].shape == (2, 4, 4, 16)
+  assert output.shape == (2, 10)
+
+
+def test_registry():
+  for name in ("testing", "Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32",
+               "L/16", "L/32", "H/14", "R50+B/16", "R26+S/32"):
+    assert name in models.VARIANTS
+    assert isinstance(models.create(name), models.VisionTransformer)
+  config = models.get_config("B/16")
+  assert (config["hidden_size"], config["num_layers"], config["num_heads"],
+          config["mlp_dim"], config["patch_size"]) == (768, 12, 12, 3072, 16)
+  config["hidden_size"] = 1
+  assert models.get_config("B/16")["hidden_size"] == 768  # A copy.
+  model = models.create("B/16", num_classes=7, image_size=(32, 48))
+  assert model.num_classes == 7 and model.num_patches == 2 * 3
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match=r"unknown model variant 'B/7'.*B/16"):
+    models.create("B/7")
+  with pytest.raises(ValueError, match=r"unknown VisionTransformer field.*"
+                     r"'hiden_size'.*hidden_size"):
+    models.create("testing", hiden_size=32)
+  with pytest.raises(ValueError, match="hidden_size 18 is not divisible by "
+                     "num_heads 4"):
+    models.create("testing", hidden_size=18, num_heads=4)
+  with pytest.raises(ValueError, match="unknown classifier 'cls'"):
+    models.create("testing", classifier="cls")
+  with pytest.raises(ValueError, match="unknown posemb 'rope'"):
+    models.create("testing", posemb="rope")
+  with pytest.raises(ValueError, match="unknown remat_policy 'all'"):
+    models.create("testing", remat_policy="all")
+  with pytest.raises(ValueError, match=r"decoder=True needs .* square"):
+    models.create("testing", decoder=True, patch_size=(8, 4))
+
+
+def test_input_errors():
+  model = models.create("testing", patch_size=16, image_size=32)
+  with pytest.raises(ValueError, match=r"image size \(30, 32\) is not "
+                     r"divisible by patch size 16"):
+    _shapes_out(model, (1, 30, 32, 3))
+  model = models.create("testing", patch_size=(16, 8), image_size=32)
+  with pytest.raises(ValueError, match=r"image size \(32, 36\) is not "
+                     r"divisible by patch size \(16, 8\)"):
+    jax.eval_shape(model.init, RNG, _images((1, 32, 36, 3)))
+  model = models.create("testing")
+  variables = jax.eval_shape(model.init, RNG, _images((2, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"image size \(48, 32\).*6x4.*"
+                     r"image_size \(32, 32\).*interpolate_pos_encoding=True"):
+    jax.eval_shape(model.apply, variables, _images((2, 48, 32, 3)))
+  with pytest.raises(ValueError, match="use_mask_token=True"):
+    jax.eval_shape(lambda v, x: model.apply(
+        v, x, bool_masked_pos=jnp.zeros((2, 16), bool)), variables,
+                   _images((2, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"head_mask must have shape"):
+    jax.eval_shape(lambda v, x: model.apply(
+        v, x, head_mask=jnp.ones((3,))), variables, _images((2, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
+    jax.eval_shape(model.apply, variables, _images((32, 32, 3)))
+  model = models.create("testing", use_mask_token=True)
+  variables = jax.eval_shape(model.init, RNG, _images((2, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"bool_masked_pos must have shape "
+                     r"\[batch, num_patches\] = \(2, 16\), got \(2, 15\)"):
+    jax.eval_shape(lambda v, x: model.apply(
+        v, x, bool_masked_pos=jnp.zeros((2, 15), bool)), variables,
+                   _images((2, 32, 32, 3)))
