@@ -39,8 +39,8 @@ def inputs(cfg, batch=2, seed=0):
 def _apply_fn(frozen_cfg):
   cfg = dict(frozen_cfg)
   model = core.create(cfg)
-  return jax.jit(lambda p, x, m: model.apply({"params": p}, x, train=False,
-                                             bool_masked_pos=m))
+  return lambda p, x, m: model.apply({"params": p}, x, train=False,
+                                    bool_masked_pos=m)
 
 
 def _freeze(cfg):

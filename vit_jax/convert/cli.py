@@ -1,0 +1,247 @@
+"""`python -m vit_jax.convert --from=SRC --to={hf,timm,npz} --out=PATH [--verify]`.
+
+SRC is a training workdir (newest checkpoint + DIR/config.json), a `.npz` checkpoint
+(original or big_vision layout; the model is inferred from the shapes) or a Hugging
+Face ViT directory (config.json + model.safetensors / pytorch_model.bin).
+
+Exit status: 0 on success, 1 when --verify finds a difference above the tolerance,
+2 when the target cannot express the model or the input is inconsistent.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from vit_jax import npz
+from vit_jax.convert import core
+from vit_jax.convert import hf as hf_lib
+from vit_jax.convert import infer
+from vit_jax.convert import timm as timm_lib
+
+# Fields that the parameter shapes decide.
+STRUCTURAL = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size",
+              "num_channels", "num_classes", "representation_size", "qkv_bias",
+              "use_mask_token", "decoder", "resnet", "image_size")
+
+
+def _size(text):
+  parts = [int(p) for p in text.replace("x", ",").split(",") if p]
+  if len(parts) == 1:
+    return parts[0]
+  if len(parts) == 2:
+    return tuple(parts)
+  raise argparse.ArgumentTypeError(f"image size is N or H,W, got {text!r}")
+
+
+def parser():
+  p = argparse.ArgumentParser(
+      prog="python -m vit_jax.convert",
+      description="Convert ViT checkpoints between our .npz, Hugging Face and timm.")
+  p.add_argument("--from", dest="src", required=True,
+                 help="training workdir, FILE.npz, or a Hugging Face ViT directory")
+  p.add_argument("--to", required=True, choices=("hf", "timm", "npz"))
+  p.add_argument("--out", required=True,
+                 help="hf: a directory; timm: FILE.npz (kwargs go to FILE.json); "
+                      "npz: FILE.npz (model fields go to FILE.json)")
+  p.add_argument("--verify", action="store_true",
+                 help="run ours and theirs on the same batch; fail above --tol")
+  p.add_argument("--tol", type=float, default=1e-4)
+  p.add_argument("--model", help="variant (e.g. B/16) whose fields are the defaults "
+                 "for what the shapes do not say")
+  p.add_argument("--hidden_act", choices=("gelu_tanh", "gelu"))
+  p.add_argument("--layer_norm_eps", type=float)
+  p.add_argument("--image_size", type=_size, help="N or H,W")
+  p.add_argument("--posemb", choices=("learn", "sincos2d", "sincos1d", "none"),
+                 help="position embedding of a checkpoint without a learned table")
+  p.add_argument("--classifier", choices=("token", "gap", "map", "unpooled"))
+  p.add_argument("--labels", help="class names: comma-separated, or @FILE with one a line")
+  p.add_argument("--use_ema", action="store_true",
+                 help="workdir: take the Polyak-averaged parameters")
+  return p
+
+
+def _labels(text):
+  if text is None:
+    return None
+  if text.startswith("@"):
+    with open(text[1:]) as f:
+      return [l.strip() for l in f if l.strip()]
+  return text.split(",")
+
+
+def _flag_overrides(args):
+  out = {}
+  for key in ("hidden_act", "layer_norm_eps", "image_size", "posemb", "classifier"):
+    value = getattr(args, key)
+    if value is not None:
+      out[key] = value
+  return out
+
+
+def _workdir_labels(config):
+  if config.get("labels"):
+    return list(config.labels)
+  try:
+    from vit_jax import data  # pylint: disable=g-import-not-at-top
+    src = data.get_source(config.dataset, config.get("train_split", "train"),
+                          data_dir=config.get("data_dir"))
+    names = getattr(src, "class_names", None)
+    return list(names) if names else None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _merge(base, inferred):
+  """Config fields + what the shapes say (shapes win for structure)."""
+  cfg = dict(base)
+  cfg.update({k: inferred[k] for k in STRUCTURAL})
+  if inferred["posemb"] == "learn":
+    cfg["posemb"] = "learn"
+  elif cfg.get("posemb", "learn") == "learn":
+    cfg["posemb"] = inferred["posemb"]
+  classifier = cfg.get("classifier", "token")
+  compatible = {"token": ("token",), "map": ("map",), "gap": ("gap", "unpooled")}
+  if classifier not in compatible[inferred["classifier"]]:
+    cfg["classifier"] = inferred["classifier"]
+  return cfg
+
+
+def load_source(args):
+  """-> (params, model fields, labels, kind) for --from."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  src = args.src
+  flags = _flag_overrides(args)
+  base = models.get_config(args.model) if args.model else {}
+  if os.path.isdir(src) and hf_lib.is_hf_dir(src):
+    sd, config = hf_lib.read(src)
+    params, cfg, labels = hf_lib.to_ours(sd, config)
+    cfg.update(flags)
+    return params, cfg, labels, "hf"
+  if os.path.isdir(src):
+    from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    params, config = checkpoint.latest_params(src, use_ema=args.use_ema)
+    params = npz.unflatten(npz.unstack_blocks(npz.flatten(params)))
+    fields = models.get_config(args.model or config.model_name)
+    fields.update(config.model.to_dict() if hasattr(config.model, "to_dict")
+                  else dict(config.model))
+    fields.update(flags)
+    inferred = infer.model_config(
+        params, image_size=fields.get("image_size", config.get("image_size")),
+        posemb=fields.get("posemb"), what=src)
+    cfg = _merge(fields, inferred)
+    return params, cfg, _workdir_labels(config), "workdir"
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"--from={src} does not exist")
+  params = npz.load_npz(src)
+  inferred = infer.model_config(params, image_size=flags.get("image_size"),
+                                posemb=flags.get("posemb"), what=src)
+  cfg = _merge(base, inferred) if base else inferred
+  for key in ("hidden_act", "layer_norm_eps", "classifier"):
+    if key in flags:
+      cfg[key] = flags[key]
+  return params, cfg, None, "npz"
+
+
+def check_params(params, cfg):
+  """The parameters must be exactly those of the model the fields describe."""
+  model = core.create(dict(core.full_config(cfg), scan=False))
+  h, w = core.pair(cfg["image_size"])
+  shapes = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0)},
+                         np.zeros((1, h, w, cfg["num_channels"]), np.float32)))["params"]
+  npz.check_tree(npz.flatten(params), npz.flatten(shapes), what="the parameters")
+
+
+def _model_fields(cfg):
+  full = core.full_config(cfg)
+  keys = STRUCTURAL + ("classifier", "posemb", "hidden_act", "layer_norm_eps", "qk_scale")
+  return {k: full[k] for k in keys}
+
+
+def _jsonable(value):
+  if isinstance(value, tuple):
+    return list(value)
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  return value
+
+
+def _flag_value(value):
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(str(v) for v in value) + ")"
+  return str(value)
+
+
+def _flags(fields):
+  """`--config.model.K=V` for the fields that a flag can carry (not the resnet dict)."""
+  return " ".join(f"--config.model.{k}={_flag_value(v)}"
+                  for k, v in fields.items() if v is not None and not isinstance(v, dict))
+
+
+def run(args, log=print):
+  """Performs the conversion; returns the parity figures (or {})."""
+  from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
+  params, cfg, labels, kind = load_source(args)
+  labels = _labels(args.labels) or labels
+  cfg = core.full_config(cfg)
+  check_params(params, cfg)
+  fields = _model_fields(cfg)
+  log(f"model ({kind}): {json.dumps(_jsonable(fields))}")
+  diffs = {}
+  if args.to == "hf":
+    arch, notes = hf_lib.export(params, cfg, args.out, labels)
+    for note in notes:
+      log(f"note: {note}")
+    kw = hf_lib.load_kwargs(cfg, arch)
+    extra = "".join(f", {k}={v!r}" for k, v in kw.items())
+    log(f"wrote {args.out}: transformers.{arch}.from_pretrained({args.out!r}{extra})")
+    if args.verify:
+      diffs = parity.verify_hf(args.out, params, cfg, arch, tol=args.tol)
+  elif args.to == "timm":
+    kw, kw_path, notes = timm_lib.export(params, cfg, args.out)
+    for note in notes:
+      log(f"note: {note}")
+    log(f"wrote {args.out} and {kw_path}: timm.models.vision_transformer."
+        f"VisionTransformer(**kwargs).load_pretrained({args.out!r}) with kwargs "
+        f"{json.dumps(kw)}")
+    if args.verify:
+      diffs = parity.verify_timm(args.out, kw, params, cfg, tol=args.tol)
+  else:
+    npz.save_npz(args.out, params)
+    side = timm_lib.kwargs_path(args.out)
+    with open(side, "w") as f:
+      json.dump({"model": _jsonable(fields), "labels": labels}, f, indent=2)
+    log(f"wrote {args.out} and {side}")
+    log(f"model overrides: {_flags(fields)}")
+    if labels:
+      log(f"labels: {labels}")
+    if args.verify:
+      if kind == "hf":
+        arch = json.load(open(os.path.join(args.src, "config.json")))["architectures"][0]
+        diffs = parity.verify_hf(args.src, params, cfg, arch, tol=args.tol)
+      written = npz.flatten(npz.load_npz(args.out))
+      source = npz.flatten(npz.unflatten(core.flat_params(params)))
+      diffs["npz_params"] = parity._params_diff(source, written)  # pylint: disable=protected-access
+      parity.check(diffs, args.tol, "npz export")
+  if diffs:
+    log("parity (max |Δ|, fp32): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    log("verify: OK")
+  return diffs
+
+
+def main(argv=None):
+  from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
+  args = parser().parse_args(argv)
+  try:
+    run(args)
+  except parity.ParityError as e:
+    print(f"verify FAILED: {e}", file=sys.stderr)
+    return 1
+  except (core.Unsupported, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
