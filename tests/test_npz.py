@@ -198,3 +198,26 @@ def test_both_position_tables_is_an_error(tmp_path):
   flat["pos_embedding"] = flat[npz.POSEMB][:, 1:]
   with pytest.raises(ValueError, match="both `pos_embedding`"):
     npz.load_npz(_save_raw(tmp_path / "p.npz", flat))
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_big_vision_file_gives_the_same_model_outputs(tmp_path, classifier):
+  """A real model's parameters, written the way big_vision does, load to the same model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create("testing", hidden_size=16, num_layers=2, num_heads=2,
+                        mlp_dim=32, patch_size=4, image_size=(8, 12),
+                        classifier=classifier, num_classes=3)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 8, 12, 3)).astype(np.float32)
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))
+  rng = np.random.default_rng(1)
+  flat = {k: (0.3 * rng.standard_normal(v.shape)).astype(np.float32)
+          for k, v in npz.flatten(shapes["params"]).items()}
+  path = _save_raw(tmp_path / "bv.npz", big_vision_layout(flat, prefix="params/"))
+  loaded = npz.load_npz(path, target=shapes["params"])
+  want, _ = model.apply({"params": npz.unflatten(flat)}, images)
+  got, _ = model.apply({"params": loaded}, images)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # Written back in the original layout, it stays the same tree.
+  npz.save_npz(tmp_path / "orig.npz", loaded)
+  _assert_same(npz.load_npz(tmp_path / "orig.npz"), loaded)
