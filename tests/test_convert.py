@@ -270,3 +270,31 @@ def test_cli_timm_and_failures(tmp_path, npz_file, capsys):
   # Without the image size a non-square grid cannot be inferred.
   assert cli.main([f"--from={path}", "--to=hf", f"--out={tmp_path / 'y'}"]) == 2
   assert "--image_size" in capsys.readouterr().err
+
+
+def test_cli_workdir_source_with_scanned_blocks(tmp_path, capsys):
+  """A real orbax checkpoint + config.json, trained layout stacked (scan=True)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, config_utils  # pylint: disable=g-import-not-at-top
+  config = config_utils.default_config()
+  config.model_name = "testing"
+  config.image_size = (16, 24)
+  config.labels = ("a", "b", "c", "d", "e")
+  config.model = ml_collections.ConfigDict(dict(
+      hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, patch_size=4,
+      num_classes=5, hidden_act="gelu", scan=True))
+  cfg = core.full_config(dict(config.model.to_dict(), image_size=(16, 24)))
+  params = make_params(cfg)
+  assert "encoderblock" in params["Transformer"]  # Stacked on a depth axis.
+  workdir = str(tmp_path / "work")
+  mngr = checkpoint.Manager(workdir)
+  mngr.save(7, {"params": params, "step": np.int32(7)}, {"pos": 0})
+  mngr.close()
+  config_utils.save_config(config, workdir)
+  assert cli.main([f"--from={workdir}", "--to=hf", f"--out={tmp_path / 'hf'}",
+                   "--verify"]) == 0
+  assert "verify: OK" in capsys.readouterr().out
+  model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf")
+  assert model.config.hidden_act == "gelu" and model.config.id2label[4] == "e"
+  back, _, _ = hf.to_ours(*hf.read(tmp_path / "hf"))
+  _assert_params_equal(npz.unstack_blocks(params), back)

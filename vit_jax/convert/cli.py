@@ -128,10 +128,11 @@ def load_source(args):
     fields = models.get_config(args.model or config.model_name)
     fields.update(config.model.to_dict() if hasattr(config.model, "to_dict")
                   else dict(config.model))
+    if "image_size" not in config.model and config.get("image_size"):
+      fields["image_size"] = config.image_size  # The training resolution.
     fields.update(flags)
-    inferred = infer.model_config(
-        params, image_size=fields.get("image_size", config.get("image_size")),
-        posemb=fields.get("posemb"), what=src)
+    inferred = infer.model_config(params, image_size=fields["image_size"],
+                                  posemb=fields.get("posemb"), what=src)
     cfg = _merge(fields, inferred)
     return params, cfg, _workdir_labels(config), "workdir"
   if not os.path.exists(src):
