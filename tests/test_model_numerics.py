@@ -194,11 +194,13 @@ def test_scan_equals_per_block(model_a):
   stacked["Transformer"]["encoderblock"] = jax.tree_util.tree_map(
       lambda *xs: np.stack(xs), params["Transformer"]["encoderblock_0"],
       params["Transformer"]["encoderblock_1"])
-  for remat in ("none", "nothing_saveable"):
-    model = models.create("testing", scan=True, remat_policy=remat, **A_CONFIG)
+  for scan, remat in ((True, "none"), (True, "nothing_saveable"),
+                      (False, "dots_saveable")):
+    model = models.create("testing", scan=scan, remat_policy=remat,
+                          **A_CONFIG)
     scan_logits, scan_out = apply_fn(
         model, output_attentions=True, output_hidden_states=True)(
-            {"params": stacked}, images)
+            {"params": stacked if scan else params}, images)
     np.testing.assert_allclose(scan_logits, logits, rtol=1e-5, atol=1e-5)
     for i in range(2):
       np.testing.assert_allclose(scan_out[f"block{i}"], out[f"block{i}"],
@@ -245,7 +247,8 @@ def test_options_against_reference():
 
 def test_init_values():
   model = models.create("testing", head_bias_init=-2., num_layers=1,
-                        image_size=32, patch_size=2, hidden_size=32)
+                        image_size=32, patch_size=2, hidden_size=32,
+                        use_mask_token=True)
   images = random_images((BATCH, 32, 32, 3))
   init_and_apply = jit(lambda x: (lambda v: (v, model.apply(v, x)[0]))(
       model.init(RNG, x)))
@@ -254,6 +257,7 @@ def test_init_values():
   np.testing.assert_array_equal(params["head"]["kernel"], 0.)
   np.testing.assert_array_equal(params["head"]["bias"], -2.)
   np.testing.assert_array_equal(params["cls"], 0.)
+  np.testing.assert_array_equal(params["mask_token"], 0.)
   pe = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
   assert pe.shape == (1, 257, 32)
   assert 0.015 < pe.std() < 0.025 and abs(pe.mean()) < 0.005

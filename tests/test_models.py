@@ -110,6 +110,11 @@ def test_optional_parameters():
   shapes = _param_shapes(models.create("testing", num_classes=0, **base),
                          (1, 32, 32, 3))
   assert not any(n.startswith("head") for n in shapes)
+  variables = jax.eval_shape(
+      models.create("testing", param_dtype="bfloat16", **base).init, RNG,
+      _images((1, 32, 32, 3)))
+  assert all(v.dtype == jnp.bfloat16
+             for v in jax.tree_util.tree_leaves(variables))
   shapes = _param_shapes(models.create("testing", decoder=True, **base),
                          (1, 32, 32, 3))
   assert shapes["decoder/kernel"] == (1, 1, 16, 8 * 8 * 3)
@@ -222,6 +227,16 @@ def test_registry():
   assert models.get_config("B/16")["hidden_size"] == 768  # A copy.
   model = models.create("B/16", num_classes=7, image_size=(32, 48))
   assert model.num_classes == 7 and model.num_patches == 2 * 3
+
+
+def test_modules_are_hashable_with_list_fields():
+  # Configs loaded from JSON carry lists; the module must stay hashable to be
+  # a static argument of jax.jit.
+  a = models.create("R26+S/32", image_size=[64, 96], patch_size=[1, 1],
+                    resnet={"num_layers": [2, 2, 2, 2], "width_factor": 1})
+  b = models.create("R26+S/32", image_size=(64, 96), patch_size=(1, 1))
+  assert a == b and hash(a) == hash(b)
+  assert a.grid_size((64, 96)) == (2, 3)
 
 
 def test_registry_errors():

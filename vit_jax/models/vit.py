@@ -16,6 +16,7 @@ decoder.
 
 from typing import Any, Optional, Sequence, Tuple, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -356,6 +357,16 @@ class VisionTransformer(nn.Module):
   resnet: Optional[Any] = None
 
   def __post_init__(self):
+    # Sequences and the resnet dict become tuples / FrozenDict: the module
+    # stays hashable (usable as a static argument) and equal across configs.
+    for field in ("patch_size", "image_size"):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)):
+        object.__setattr__(self, field, tuple(int(v) for v in value))
+    if self.resnet is not None:
+      resnet = dict(self.resnet)
+      resnet["num_layers"] = tuple(resnet.get("num_layers", ()))
+      object.__setattr__(self, "resnet", flax.core.FrozenDict(resnet))
     super().__post_init__()
     self.check()
 
