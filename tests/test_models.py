@@ -281,6 +281,9 @@ def test_input_errors():
         v, x, head_mask=jnp.ones((3,))), variables, _images((2, 32, 32, 3)))
   with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
     jax.eval_shape(model.apply, variables, _images((32, 32, 3)))
+  with pytest.raises(ValueError, match=r"images have 1 channels but the model "
+                     r"has num_channels=3"):
+    jax.eval_shape(model.apply, variables, _images((2, 32, 32, 1)))
   model = models.create("testing", use_mask_token=True)
   variables = jax.eval_shape(model.init, RNG, _images((2, 32, 32, 3)))
   with pytest.raises(ValueError, match=r"bool_masked_pos must have shape "

@@ -328,7 +328,38 @@ def pixel_shuffle(x, r: int):
 
 
 class VisionTransformer(nn.Module):
-  """ViT with optional hybrid stem, mask token, MIM decoder and pooled heads."""
+  """ViT with optional hybrid stem, mask token, MIM decoder and pooled heads.
+
+  Attributes:
+    num_classes: head outputs; 1 for regression, 0 for no head (the output is
+      then the pre_logits vector).
+    patch_size: int or (ph, pw); with a hybrid stem, patches of its features.
+    hidden_size, num_layers, num_heads, mlp_dim: the Transformer's size.
+    image_size: int or (h, w) the position embeddings are built for.
+    num_channels: image channels (the decoder reconstructs as many).
+    classifier: "token" (cls token), "gap" (mean of the tokens after
+      encoder_norm), "map" (attention pooling) or "unpooled" (all tokens).
+    posemb: "learn", "sincos2d", "sincos1d" or "none".
+    representation_size: width of the Dense + tanh `pre_logits` layer, if any.
+    dropout_rate, attention_dropout_rate: dropout on activations / on the
+      attention probabilities, in train mode only.
+    stochastic_depth: drop-path rate of the last block; per-sample, rising
+      linearly from 0 at the first block.
+    qkv_bias, qk_scale: attention biases; logits scale (head_dim ** -0.5 if
+      None).
+    hidden_act: "gelu_tanh" (the original models) or "gelu" (exact erf).
+    layer_norm_eps: epsilon of every LayerNorm.
+    head_bias_init: initial value of the head's bias (its kernel is zeros).
+    scan, remat_policy: scan the blocks (params stacked under
+      Transformer/encoderblock); rematerialize them with a
+      `jax.checkpoint_policies` name, or "none".
+    dtype, param_dtype: compute and parameter dtypes.
+    use_mask_token: create `mask_token` for `bool_masked_pos`.
+    decoder: add the SimMIM decoder (1x1 conv + pixel shuffle); the output is
+      then the reconstruction [B, H, W, C]. Implies a mask token.
+    resnet: None or dict(num_layers=(3, 4, 9), width_factor=1): BiT ResNet
+      stem of a hybrid model.
+  """
   num_classes: int = 1000
   patch_size: IntOrPair = 16
   hidden_size: int = 768
@@ -521,6 +552,10 @@ class VisionTransformer(nn.Module):
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got "
                        f"shape {images.shape}")
+    if images.shape[-1] != self.num_channels:
+      raise ValueError(f"images have {images.shape[-1]} channels but the "
+                       f"model has num_channels={self.num_channels}: set "
+                       "num_channels to the images' channel count")
     grid = self.grid_size(images.shape[1:3])
     built = self.grid_size(self.image_size)
     self._check_grid(grid, built, images.shape, interpolate_pos_encoding)
