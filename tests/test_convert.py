@@ -29,7 +29,8 @@ HF_CASES = {
     "token": {},
     "token_nobias_gelu_nonsquare": dict(qkv_bias=False, hidden_act="gelu",
                                         image_size=(16, 24), num_channels=1),
-    "token_eps1e-12_regression": dict(layer_norm_eps=1e-12, num_classes=1),
+    "token_eps1e-12_regression_nonsquare_patch": dict(
+        layer_norm_eps=1e-12, num_classes=1, patch_size=(4, 8), image_size=(16, 24)),
     "pre_logits": dict(representation_size=24, num_classes=0),
     "pre_logits_with_head": dict(representation_size=24),
     "no_head": dict(num_classes=0),

@@ -257,6 +257,9 @@ def _labels(config):
 def to_ours(sd, config):
   """HF state dict + config -> (our nested params, model fields, labels or None)."""
   sd = _canonical_names(sd)
+  if CLASSIFICATION in config.get("architectures", ()):
+    # ViTForImageClassification never applies a pooler: its weights, if any, are unused.
+    sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
   d = config.get("hidden_size", 768)
   heads = config.get("num_attention_heads", 12)
   depth = config.get("num_hidden_layers", 12)
