@@ -1,0 +1,354 @@
+"""Few-shot linear evaluation of a frozen representation (the paper's metric).
+
+For each dataset `(name, source, train_split, test_split)` of the config:
+
+1. Features of a named representation (`pre_logits` by default, any key of
+   the model's `out` dict, or `pixels`: the flattened preprocessed images, no
+   model) are computed by the jitted model on all devices, global batches
+   sharded over the mesh's "data" axis. Train and test features are computed
+   once per `run` and shared by every shot count and seed. When the train
+   source exposes its `labels`, only the sampled train examples are fed to
+   the model.
+2. For every seed, one permutation per class; the `n`-shot training set is
+   the first `n` examples of each class, so shot sets are nested within a
+   seed. Classes with fewer examples give what they have (reported).
+3. Closed-form ridge regression (`ridge.py`): whitened features plus a bias
+   column, targets in {-1, 1}^K, one eigendecomposition per (dataset, shots,
+   seed) serving every L2 value; argmax on the test split. The L2 value is
+   chosen by exact leave-one-out on the few-shot training set (classification
+   error, ties by squared error) over `l2_regs`; the paper's fixed L2 = 2^10
+   is reported beside it.
+
+`run(params)` returns `{"fewshot/<dataset>/<n>shot": mean accuracy with the
+leave-one-out L2, ..._std, ..._fixed_l2 (mean accuracy at the fixed L2),
+..._fixed_l2_std, ..._l2 (median chosen L2)}`; `report(params)` the full
+per-seed results (what `python -m vit_jax.fewshot` writes to fewshot.json).
+Standard deviations are over seeds (ddof=1; 0 for a single seed).
+"""
+
+import functools
+import sys
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import tqdm
+
+from vit_jax import data
+from vit_jax import sharding
+from vit_jax.evaluators import ridge
+
+PIXELS = "pixels"
+
+
+def default_config():
+  """The few-shot evaluator's fields and defaults (digits, train -> test)."""
+  return ml_collections.ConfigDict(dict(
+      # (name used in metrics, data.get_source name, train split, test split)
+      datasets=(("digits", "digits", "train", "test"),),
+      data_dir=None,
+      shots=(1, 5, 10, 25),
+      seeds=(0, 1, 2, 3, 4),
+      l2_regs=ridge.L2_GRID,   # Searched by leave-one-out: 2^-10 .. 2^20.
+      fixed_l2=ridge.FIXED_L2,  # Reported beside: 2^10 (added to the grid).
+      representation="pre_logits",  # A key of the model's `out`, or "pixels".
+      image_size=None,     # None: the model's (pixels: the source's).
+      num_channels=None,   # None: the source's.
+      batch_size=256,      # Global; a multiple of the "data" devices.
+      eps=1e-5,            # Whitening: divide by std + eps.
+      bias=1.0,            # Bias column, penalised like the features.
+      progress_min_batches=20,  # Progress bar for sets with more batches.
+      prefix="fewshot/",
+      log_steps=0,         # Period during training (0: only at the end).
+  ))
+
+
+class _Subset:
+  """The examples `indices` of a source, in that order."""
+
+  def __init__(self, source, indices):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.num_classes = source.num_classes
+    self.class_names = getattr(source, "class_names", None)
+    self.num_channels = getattr(source, "num_channels", None)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+  def __repr__(self):
+    return f"Subset({self.source!r}, {len(self)})"
+
+
+def sample(labels, num_classes, shots, seeds):
+  """Nested few-shot training sets.
+
+  Args:
+    labels: [N] int labels of the training pool.
+    num_classes: K.
+    shots: shot counts.
+    seeds: integer seeds.
+
+  Returns:
+    (rows, counts): rows[n] is an int array [len(seeds), N_n] of pool indices
+    (class by class, the first n of each class's permutation for that seed);
+    counts[c] is the number of pool examples of class c.
+  """
+  labels = np.asarray(labels)
+  members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+  perms = [[np.random.default_rng([int(seed), c]).permutation(m)
+            for c, m in enumerate(members)] for seed in seeds]
+  rows = {n: np.stack([np.concatenate([p[:n] for p in per_class])
+                       for per_class in perms]) for n in shots}
+  return rows, np.array([len(m) for m in members])
+
+
+@functools.lru_cache(maxsize=None)
+def _ridge_fn(num_classes, eps, bias):
+  """Jitted ridge evaluation, vmapped over seeds (same N for every seed)."""
+  fn = functools.partial(ridge.evaluate, num_classes=num_classes, eps=eps,
+                         bias=bias)
+  return jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None, None)))
+
+
+def _std(x):
+  return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+class FewShotEvaluator:
+  """Few-shot linear evaluation on several datasets."""
+
+  def __init__(self, model, mesh, config, log=print):
+    self.model = model
+    self.mesh = mesh
+    self.config = c = config
+    self.log = log
+    self.representation = c.representation
+    self.shots = tuple(int(n) for n in c.shots)
+    self.seeds = tuple(int(s) for s in c.seeds)
+    if not self.shots or not self.seeds:
+      raise ValueError(f"few-shot needs shots and seeds, got shots="
+                       f"{self.shots} seeds={self.seeds}")
+    l2s = sorted(set(float(v) for v in c.l2_regs) | {float(c.fixed_l2)})
+    self.l2s = np.array(l2s, np.float32)
+    self.fixed_index = ridge.l2_index(self.l2s, c.fixed_l2)
+    self.batch_size = int(c.batch_size)
+    n_data = mesh.shape["data"] if "data" in mesh.shape else 1
+    if self.batch_size % (n_data * jax.process_count()):
+      raise ValueError(
+          f"fewshot batch_size={self.batch_size} is not divisible by the "
+          f"{n_data} devices of the 'data' mesh axis times "
+          f"{jax.process_count()} processes: use a multiple of "
+          f"{n_data * jax.process_count()}")
+    if self.representation == PIXELS or model is None:
+      self.image_size = c.get("image_size")
+    else:
+      self.image_size = c.get("image_size") or model.image_size
+    self.datasets = []
+    for entry in c.datasets:
+      if len(entry) != 4:
+        raise ValueError(
+            f"fewshot dataset {entry!r} must be (name, source, train_split, "
+            "test_split), e.g. ('cifar100', 'tfds:cifar100', 'train[:10%]', "
+            "'test')")
+      name, source, train_split, test_split = entry
+      self.datasets.append((name, data.get_source(
+          source, train_split, data_dir=c.get("data_dir")), data.get_source(
+              source, test_split, data_dir=c.get("data_dir"))))
+    self._features_jit = jax.jit(
+        self._features, out_shardings=NamedSharding(mesh, P("data")))
+    self._samples = {}      # dataset -> (rows, counts, pool labels or None)
+    self._pixel_cache = {}  # pixels do not depend on params
+    self._warned = set()
+
+  # Features.
+
+  def _features(self, params, images):
+    """[B, ...] images -> [B, F] float32 features of the representation."""
+    rep = self.representation
+    if rep == PIXELS:
+      x = images
+    else:
+      _, out = self.model.apply(
+          {"params": params}, images, train=False,
+          output_hidden_states=rep.startswith("block") or rep == "embeddings",
+          output_attentions=rep.endswith("/attention"))
+      if rep not in out:
+        raise ValueError(
+            f"representation {rep!r} is not an output of the model: use one "
+            f"of {sorted(out)} or {PIXELS!r} (config.fewshot.representation)")
+      x = out[rep]
+    return x.reshape(x.shape[0], -1).astype(np.float32)
+
+  def _image_size(self, source):
+    if self.image_size is not None:
+      size = self.image_size
+      return (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(np.asarray(source[0]["image"]).shape[:2])
+
+  def features(self, params, source, desc=""):
+    """Features [N, F] and labels [N] of every example, in source order."""
+    pi, pc = jax.process_index(), jax.process_count()
+    local_b = data.local_batch_size(self.batch_size, pc)
+    start, _ = data.eval_range(len(source), pi, pc)
+    total = data.num_eval_batches(len(source), self.batch_size, pc)
+    batches = data.eval_batches(
+        source, global_batch_size=self.batch_size,
+        image_size=self._image_size(source), process_index=pi,
+        process_count=pc, num_channels=self.config.get("num_channels"))
+    show = pi == 0 and total > int(self.config.get("progress_min_batches",
+                                                   20))
+    parts = []
+    for j, batch in enumerate(tqdm.tqdm(
+        batches, total=total, desc=desc, disable=not show, leave=False,
+        file=sys.stderr)):
+      index = (start + j * local_b + np.arange(local_b)).astype(np.int32)
+      g = sharding.to_global({"image": batch["image"],
+                              "label": batch["label"], "mask": batch["mask"],
+                              "index": index}, self.mesh)
+      g["x"] = self._features_jit(params, g.pop("image"))
+      host = sharding.to_numpy(g)
+      keep = host["mask"]
+      parts.append({k: host[k][keep] for k in ("x", "label", "index")})
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(joined["index"], kind="stable")
+    return joined["x"][order], joined["label"][order]
+
+  # Evaluation.
+
+  def _place(self, params):
+    """Host (numpy) parameters are replicated; jax arrays keep theirs."""
+    if params is None:
+      return None
+    repl = NamedSharding(self.mesh, P())
+    return jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, repl),
+        params)
+
+  def _train_set(self, params, name, source):
+    """Few-shot rows, class counts, features, pool labels of a train split.
+
+    Returns:
+      (rows, counts, x, position, labels): rows[n] [seeds, N_n] pool indices;
+      x [M, F] features; `x[position[i]]` is the feature of pool example i
+      (for every sampled i); labels [len(source)].
+    """
+    labels = getattr(source, "labels", None)
+    if labels is not None and len(labels) == len(source):
+      labels = np.asarray(labels)
+      if name not in self._samples:
+        self._samples[name] = sample(labels, source.num_classes, self.shots,
+                                     self.seeds)
+      rows, counts = self._samples[name]
+      needed = np.unique(np.concatenate([r.ravel() for r in rows.values()]))
+      x, _ = self._cached(params, ("train", name), _Subset(source, needed),
+                          f"{name} train")
+      position = np.zeros(len(source), np.int64)
+      position[needed] = np.arange(len(needed))
+      return rows, counts, x, position, labels
+    x, labels = self._cached(params, ("train", name), source, f"{name} train")
+    if name not in self._samples:
+      self._samples[name] = sample(labels, source.num_classes, self.shots,
+                                   self.seeds)
+    rows, counts = self._samples[name]
+    return rows, counts, x, np.arange(len(source)), labels
+
+  def _cached(self, params, key, source, desc):
+    if self.representation != PIXELS:
+      return self.features(params, source, desc)
+    if key not in self._pixel_cache:
+      self._pixel_cache[key] = self.features(params, source, desc)
+    return self._pixel_cache[key]
+
+  def _warn_short(self, name, n, counts):
+    short = {c: int(k) for c, k in enumerate(counts) if k < n}
+    if short and (name, n) not in self._warned:
+      self._warned.add((name, n))
+      listed = ", ".join(f"class {c}: {k}" for c, k in short.items())
+      self.log(f"warning: fewshot {name}: {len(short)} classes have fewer "
+               f"than {n} training examples and use all they have ({listed})")
+    return short
+
+  def report(self, params):
+    """Per dataset and shot count: accuracies per seed and their summary.
+
+    Returns:
+      {dataset: {"<n>": {"mean", "std", "l2" (chosen per seed), "per_seed",
+      "loo_error" (per seed, at the chosen L2), "fixed_l2", "fixed_l2_mean",
+      "fixed_l2_std", "fixed_l2_per_seed", "num_train", "short_classes"}}}.
+    """
+    params = self._place(params)
+    c = self.config
+    results = {}
+    for name, train_src, test_src in self.datasets:
+      rows, counts, x_pool, position, pool_labels = self._train_set(
+          params, name, train_src)
+      x_test, y_test = self._cached(params, ("test", name), test_src,
+                                    f"{name} test")
+      fn = _ridge_fn(int(train_src.num_classes), float(c.eps), float(c.bias))
+      results[name] = {}
+      for n in self.shots:
+        r = rows[n]
+        short = self._warn_short(name, n, counts)
+        out = jax.device_get(fn(x_pool[position[r]], pool_labels[r], x_test,
+                                y_test, self.l2s))
+        seeds = np.arange(len(self.seeds))
+        chosen = out["accuracy"][seeds, out["best"]]
+        fixed = out["accuracy"][:, self.fixed_index]
+        results[name][str(n)] = {
+            "mean": float(np.mean(chosen)), "std": _std(chosen),
+            "l2": [float(self.l2s[b]) for b in out["best"]],
+            "per_seed": [float(a) for a in chosen],
+            "loo_error": [float(e) for e in out["loo_error"][seeds,
+                                                             out["best"]]],
+            "fixed_l2": float(self.l2s[self.fixed_index]),
+            "fixed_l2_mean": float(np.mean(fixed)),
+            "fixed_l2_std": _std(fixed),
+            "fixed_l2_per_seed": [float(a) for a in fixed],
+            "num_train": int(r.shape[1]),
+            "short_classes": {str(k): v for k, v in short.items()},
+        }
+    return results
+
+  def run(self, params):
+    """Flat metrics for the training loop (see the module docstring)."""
+    return metrics(self.report(params), self.config.get("prefix", "fewshot/"))
+
+
+def metrics(report, prefix="fewshot/"):
+  """Flattens `FewShotEvaluator.report` into `{prefix<dataset>/<n>shot...}`."""
+  out = {}
+  for name, per_shots in report.items():
+    for n, r in per_shots.items():
+      key = f"{prefix}{name}/{n}shot"
+      out[key] = r["mean"]
+      out[f"{key}_std"] = r["std"]
+      out[f"{key}_fixed_l2"] = r["fixed_l2_mean"]
+      out[f"{key}_fixed_l2_std"] = r["fixed_l2_std"]
+      out[f"{key}_l2"] = float(np.median(r["l2"]))
+  return out
+
+
+def resolve_config(config=None):
+  """`config` over `default_config()`; `num_seeds` (int) may replace `seeds`."""
+  d = default_config().to_dict()
+  given = {} if config is None else (
+      config.to_dict() if isinstance(config, ml_collections.ConfigDict)
+      else dict(config))
+  if "num_seeds" in given and "seeds" not in given:
+    given["seeds"] = tuple(range(int(given["num_seeds"])))
+  d.update(given)
+  return ml_collections.ConfigDict(d)
+
+
+def from_config(config, model, mesh):
+  """The few-shot evaluator of `config` (the run config's `fewshot` field).
+
+  Missing fields take the values of `default_config()`.
+  """
+  return FewShotEvaluator(model, mesh, resolve_config(config))
