@@ -1,4 +1,4 @@
-"""Tests for vit_jax.models: registry, parameter tree and counts, shapes, errors.
+"""Tests for vit_jax.models: registry, parameter tree, counts, shapes, errors.
 
 Everything here traces with `jax.eval_shape` (no compilation, no allocation);
 numerical checks of the forward pass are in test_model_numerics.py.

@@ -1,4 +1,4 @@
-"""Tests for vit_jax.posemb: fixed tables and resampling (vs torch and by hand)."""
+"""Tests for vit_jax.posemb: fixed tables, resampling vs torch and by hand."""
 
 import jax
 import jax.numpy as jnp

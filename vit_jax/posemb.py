@@ -135,7 +135,8 @@ def resample(posemb, old_grid, new_grid, num_prefix_tokens: int = 1,
   old_h, old_w = _as_grid(old_grid)
   new_h, new_w = _as_grid(new_grid)
   if method not in METHODS:
-    raise ValueError(f"unknown resample method {method!r}: use one of {METHODS}")
+    raise ValueError(
+        f"unknown resample method {method!r}: use one of {METHODS}")
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise ValueError(
         f"position embeddings must be [1, positions, D], got {posemb.shape}")

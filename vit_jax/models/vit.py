@@ -192,7 +192,7 @@ class AddPositionEmbs(nn.Module):
 
 def fixed_posemb(kind: str, grid: Tuple[int, int], num_prefix_tokens: int,
                  dim: int) -> np.ndarray:
-  """Fixed table [1, prefix + h * w, dim]; prefix positions of sincos2d are 0."""
+  """Fixed table [1, prefix + h * w, dim]; sincos2d has 0 at the prefix."""
   if kind == "sincos2d":
     table = posemb_lib.sincos2d(grid[0], grid[1], dim)
     prefix = np.zeros((1, num_prefix_tokens, dim), np.float32)
