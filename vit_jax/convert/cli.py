@@ -222,11 +222,12 @@ def run(args, log=print):
       log(f"labels: {labels}")
     if args.verify:
       if kind == "hf":
-        arch = json.load(open(os.path.join(args.src, "config.json")))["architectures"][0]
+        with open(os.path.join(args.src, "config.json")) as f:
+          arch = json.load(f)["architectures"][0]
         diffs = parity.verify_hf(args.src, params, cfg, arch, tol=args.tol)
       written = npz.flatten(npz.load_npz(args.out))
       source = npz.flatten(npz.unflatten(core.flat_params(params)))
-      diffs["npz_params"] = parity._params_diff(source, written)  # pylint: disable=protected-access
+      diffs["npz_params"] = parity.params_diff(source, written)
       parity.check(diffs, args.tol, "npz export")
   if diffs:
     log("parity (max |Δ|, fp32): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))

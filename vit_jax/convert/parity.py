@@ -7,8 +7,6 @@ our layout, must equal what was exported (timm: every tensor is first filled wit
 so one its loader skipped shows up).
 """
 
-import functools
-
 import jax
 import numpy as np
 
@@ -35,33 +33,13 @@ def inputs(cfg, batch=2, seed=0):
   return images, mask
 
 
-@functools.lru_cache(maxsize=16)
-def _apply_fn(frozen_cfg):
-  cfg = dict(frozen_cfg)
-  model = core.create(cfg)
-  return lambda p, x, m: model.apply({"params": p}, x, train=False,
-                                    bool_masked_pos=m)
-
-
-def _freeze(cfg):
-  cfg = core.full_config(cfg)
-  cfg.update(scan=False, remat_policy="none", dtype="float32", param_dtype="float32",
-             dropout_rate=0., attention_dropout_rate=0., stochastic_depth=0.)
-  out = []
-  for k, v in sorted(cfg.items()):
-    if isinstance(v, dict):
-      v = tuple(sorted((a, tuple(b) if isinstance(b, list) else b) for a, b in v.items()))
-    elif isinstance(v, list):
-      v = tuple(v)
-    out.append((k, v))
-  return tuple(out)
-
-
 def ours(params, cfg, images, bool_masked_pos=None):
   """(output, out) of our model in fp32 eval mode, as numpy."""
-  frozen = _freeze(cfg)
+  cfg = core.full_config(cfg)
+  cfg.update(scan=False, remat_policy="none", dtype="float32", param_dtype="float32")
   params = npz.unflatten(core.flat_params(params))
-  output, out = _apply_fn(frozen)(params, images, bool_masked_pos)
+  output, out = core.create(cfg).apply({"params": params}, images, train=False,
+                                       bool_masked_pos=bool_masked_pos)
   return np.asarray(output), jax.tree.map(np.asarray, out)
 
 
@@ -72,7 +50,7 @@ def _maxdiff(a, b):
   return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def _params_diff(exported, loaded):
+def params_diff(exported, loaded):
   """Max |Δ| over parameters; a key on one side only is an error."""
   missing = sorted(exported.keys() - loaded.keys())
   extra = sorted(loaded.keys() - exported.keys())
@@ -141,7 +119,7 @@ def verify_hf(out_dir, params, cfg, arch=None, batch=2, seed=0, tol=TOL):
         diffs["pooler_output"] = _maxdiff(out["pre_logits"], res.pooler_output.numpy())
   exported, config = hf_lib.read(out_dir)
   loaded = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  diffs["params"] = _params_diff(npz.flatten(hf_lib.to_ours(exported, config)[0]),
+  diffs["params"] = params_diff(npz.flatten(hf_lib.to_ours(exported, config)[0]),
                                  npz.flatten(hf_lib.to_ours(loaded, config)[0]))
   check(diffs, tol, f"HF {arch} export")
   return diffs
@@ -183,6 +161,6 @@ def verify_timm(npz_path, kwargs, params, cfg, batch=2, seed=0, tol=TOL):
     exported = {k: f[k] for k in f.files}
   loaded = timm_lib.to_ours(
       {k: v.detach().numpy() for k, v in model.state_dict().items()}, kwargs)
-  diffs["params"] = _params_diff(exported, loaded)
+  diffs["params"] = params_diff(exported, loaded)
   check(diffs, tol, "timm export")
   return diffs
