@@ -1,6 +1,7 @@
 """Benchmarks of vit_jax against its peers, printed side by side.
 
-  python -m vit_jax.bench --fewshot [--fewshot_classes=100 --fewshot_dim=768 --repeats=3]
+  python -m vit_jax.bench --fewshot [--fewshot_classes=100 --fewshot_dim=768]
+      [--repeats=3] [--json=FILE]
 
 Each mode is a function `(flags) -> dict` registered in `MODES` under the name
 of its boolean flag; `main` runs every mode whose flag is set, prints its
@@ -22,24 +23,32 @@ import json
 import sys
 import time
 
-from absl import app
 from absl import flags
 
+# Own flag namespace: importable beside other command-line modules.
+FLAGS = flags.FlagValues()
 _FEWSHOT = flags.DEFINE_bool(
-    "fewshot", False, "Few-shot ridge against scikit-learn RidgeClassifier.")
-_CLASSES = flags.DEFINE_integer("fewshot_classes", 100, "Few-shot: number of classes.")
-_DIM = flags.DEFINE_integer("fewshot_dim", 768, "Few-shot: feature dimension.")
-_SHOTS = flags.DEFINE_list("fewshot_shots", ["1", "5", "10", "25"],
-                           "Few-shot: shots per class.")
-_SEEDS = flags.DEFINE_integer("fewshot_seeds", 5, "Few-shot: seeds per shot count.")
+    "fewshot", False, "Few-shot ridge against scikit-learn RidgeClassifier.",
+    flag_values=FLAGS)
+_CLASSES = flags.DEFINE_integer(
+    "fewshot_classes", 100, "Few-shot: number of classes.", flag_values=FLAGS)
+_DIM = flags.DEFINE_integer(
+    "fewshot_dim", 768, "Few-shot: feature dimension.", flag_values=FLAGS)
+_SHOTS = flags.DEFINE_list(
+    "fewshot_shots", ["1", "5", "10", "25"], "Few-shot: shots per class.",
+    flag_values=FLAGS)
+_SEEDS = flags.DEFINE_integer(
+    "fewshot_seeds", 5, "Few-shot: seeds per shot count.", flag_values=FLAGS)
 _L2S = flags.DEFINE_list(
     "fewshot_l2_exponents", ["-2", "1", "4", "7", "10", "13", "16", "19"],
-    "Few-shot: the L2 values are 2 to these powers.")
+    "Few-shot: the L2 values are 2 to these powers.", flag_values=FLAGS)
 _TEST_PER_CLASS = flags.DEFINE_integer(
-    "fewshot_test_per_class", 10, "Few-shot: test examples per class.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per side; best "
-                                "counts.")
-_JSON = flags.DEFINE_string("json", None, "Write the results to this file.")
+    "fewshot_test_per_class", 10, "Few-shot: test examples per class.",
+    flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "Timed runs per side; the best counts.", flag_values=FLAGS)
+_JSON = flags.DEFINE_string(
+    "json", None, "Write the results to this file.", flag_values=FLAGS)
 
 
 def _timed(fn):
@@ -156,7 +165,8 @@ def _print_fewshot(r):
   sec = r["seconds"]
   print(f"  ours, {s['eigendecompositions']} eigendecompositions, all L2 + "
         f"leave-one-out choice: {sec['ours']:.3f} s")
-  print(f"  ours, same without leave-one-out:        {sec['ours_no_loo']:.3f} s")
+  print("  ours, same without leave-one-out:        "
+        f"{sec['ours_no_loo']:.3f} s")
   print(f"  scikit-learn RidgeClassifier, {s['fits']} fits:  "
         f"{sec['sklearn']:.3f} s")
   print(f"  speedup: {r['speedup']:.1f}x (without leave-one-out "
@@ -171,9 +181,14 @@ def _print_fewshot(r):
 MODES = {"fewshot": (fewshot, _print_fewshot)}
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
+def main(argv=None):
+  """Runs the selected benchmarks; returns the exit status."""
+  f = FLAGS
+  try:
+    f(sys.argv if argv is None else argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   selected = [name for name in MODES if f[name].value]
   if not selected:
     print("error: choose a benchmark: " +
@@ -191,4 +206,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

@@ -1,0 +1,263 @@
+"""Command line: few-shot linear evaluation of a checkpoint.
+
+  python -m vit_jax.fewshot --workdir=DIR [--config=configs/fewshot.py[:arg]]
+  python -m vit_jax.fewshot --workdir=OUT --init=ViT-B_16.npz --model=B/16 \
+      [--override=image_size=224 ...] [--config=configs/fewshot.py:paper]
+
+The first form evaluates the newest checkpoint of a training workdir (model
+rebuilt from DIR/config.json); the second a published-layout .npz with the
+variant `--model` and field overrides. The few-shot config is `--config`, else
+the run's `fewshot` field, else `evaluators.fewshot.default_config()`.
+
+Prints a table (dataset x shots, mean ± std over seeds, with the L2 chosen by
+leave-one-out and with the fixed L2 = 2^10) and writes DIR/fewshot.json
+(`{dataset: {"<shots>": {"mean", "std", "l2", "fixed_l2_mean", ...}}}`) and
+the plot DIR/fewshot.png. Problems the user can fix are printed as one line
+`error: <message>` and the exit status is 1.
+"""
+
+import ast
+import json
+import math
+import os
+import sys
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from vit_jax import config_utils
+
+# Own flag namespace: importable beside other command-line modules.
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Few-shot config: configs/fewshot.py[:arg].",
+    lock_config=False, flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Training workdir to evaluate (newest checkpoint); "
+    "fewshot.json and fewshot.png are written there.", flag_values=FLAGS)
+_INIT = flags.DEFINE_string(
+    "init", None, "Evaluate this published-layout .npz instead of a "
+    "workdir's checkpoint (needs --model).", flag_values=FLAGS)
+_MODEL = flags.DEFINE_string(
+    "model", None, "Variant for --init, e.g. B/16.", flag_values=FLAGS)
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "Model field for --init, as name=value (Python literal "
+    "or string), e.g. --override=classifier=gap.", flag_values=FLAGS)
+_EMA = flags.DEFINE_bool(
+    "use_ema", False, "Use the Polyak-averaged parameters of the checkpoint.",
+    flag_values=FLAGS)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first.",
+    flag_values=FLAGS)
+
+
+def _literal(text):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_overrides(items):
+  """["a=1", "b=gap"] -> {"a": 1, "b": "gap"}."""
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      raise config_utils.Error(
+          f"--override={item!r} is not name=value, e.g. "
+          "--override=classifier=gap")
+    out[name.strip()] = _literal(value.strip())
+  return out
+
+
+def _npz_model(path, name, overrides, image_size):
+  """Parameters of a .npz and the model they fit (head and width inferred)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax import posemb  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise config_utils.Error(f"--init={path} does not exist")
+  if not name:
+    raise config_utils.Error("--init needs --model=<variant>, e.g. B/16")
+  params = checkpoint.load_npz(path)
+  kwargs = {}
+  if "head" in params:
+    kwargs["num_classes"] = int(params["head"]["kernel"].shape[-1])
+  else:
+    kwargs["num_classes"] = 0
+  if "pre_logits" in params:
+    kwargs["representation_size"] = int(
+        params["pre_logits"]["kernel"].shape[-1])
+  if "embedding" in params:
+    kwargs["num_channels"] = int(params["embedding"]["kernel"].shape[2])
+  if image_size is not None:
+    kwargs["image_size"] = image_size
+  kwargs.update(overrides)
+  try:
+    model = models.create(name, **kwargs)
+  except ValueError as e:
+    raise config_utils.Error(str(e)) from None
+  table = params.get("Transformer", {}).get("posembed_input", {}).get(
+      "pos_embedding")
+  if table is not None:
+    grid = model.grid_size(model.image_size)
+    prefix = model.num_prefix_tokens
+    old = table.shape[1] - prefix
+    if old != grid[0] * grid[1]:
+      side = int(round(math.sqrt(old)))
+      if side * side != old:
+        raise config_utils.Error(
+            f"checkpoint has {table.shape[1]} positions, which is not "
+            f"{prefix} + a square grid: pass --override=image_size=... "
+            "matching the checkpoint")
+      params["Transformer"]["posembed_input"]["pos_embedding"] = np.asarray(
+          posemb.resample(np.asarray(table), (side, side), grid, prefix,
+                          "zoom"))
+  return params, model
+
+
+def _workdir_model(workdir, use_ema):
+  """Newest parameters of a training workdir and the model they fit."""
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  params, run = checkpoint.latest_params(workdir, use_ema=use_ema)
+  resolved = run.get("resolved") or {}
+  kwargs = dict(resolved.get("model_kwargs") or {})
+  if not kwargs:
+    kwargs = dict(run.get("model") or {})
+    for key in ("num_classes", "image_size", "num_channels"):
+      if resolved.get(key) is not None:
+        kwargs[key] = resolved[key]
+  try:
+    model = models.create(run.model_name, **kwargs)
+  except ValueError as e:
+    raise config_utils.Error(f"cannot rebuild the model of {workdir}: {e}")
+  return params, model, run
+
+
+def format_table(report):
+  """Dataset x shots table: mean ± std over seeds for both L2 choices."""
+  lines = [f"{'dataset':<16} {'shots':>5}  {'LOO L2':>15}  "
+           f"{'L2=2^10':>15}  chosen L2 per seed"]
+  for name, per_shots in report.items():
+    for n, r in per_shots.items():
+      chosen = " ".join(f"2^{math.log2(v):g}" for v in r["l2"])
+      short = " (short classes)" if r.get("short_classes") else ""
+      lines.append(
+          f"{name:<16} {n:>5}  {r['mean']:>7.4f} ± {r['std']:.4f}  "
+          f"{r['fixed_l2_mean']:>7.4f} ± {r['fixed_l2_std']:.4f}  "
+          f"{chosen}{short}")
+  return "\n".join(lines)
+
+
+def plot(report, path, title=""):
+  """Accuracy vs shots per dataset, error bars = std, both L2 choices."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = list(report)
+  fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6),
+                           squeeze=False)
+  for ax, name in zip(axes[0], names):
+    shots = sorted(report[name], key=int)
+    xs = [int(n) for n in shots]
+    r = [report[name][n] for n in shots]
+    ax.errorbar(xs, [v["mean"] for v in r], yerr=[v["std"] for v in r],
+                marker="o", capsize=3, label="L2 by leave-one-out")
+    ax.errorbar(xs, [v["fixed_l2_mean"] for v in r],
+                yerr=[v["fixed_l2_std"] for v in r], marker="s", capsize=3,
+                linestyle="--", label="L2 = 2^10")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{name} {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
+             overrides=None, use_ema=False, log=print):
+  """Runs the evaluation; writes fewshot.json/.png into `workdir`.
+
+  Returns:
+    The report (see `evaluators.fewshot.FewShotEvaluator.report`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.evaluators import fewshot  # pylint: disable=g-import-not-at-top
+  if init:
+    config = fewshot.resolve_config(fewshot_config)
+    image_size = config.get("image_size")
+    if config.representation == fewshot.PIXELS:
+      params, model = None, None
+    else:
+      params, model = _npz_model(init, model_name, overrides or {},
+                                 image_size)
+    mesh_spec = (("data", -1), ("model", 1))
+  else:
+    params, model, run = _workdir_model(workdir, use_ema)
+    if fewshot_config is None:
+      fewshot_config = run.get("fewshot")
+    config = fewshot.resolve_config(fewshot_config)
+    mesh_spec = run.get("mesh") or (("data", -1), ("model", 1))
+    if config.representation == fewshot.PIXELS:
+      params, model = None, None
+  mesh = sharding.make_mesh(mesh_spec)
+  try:
+    evaluator = fewshot.FewShotEvaluator(model, mesh, config, log=log)
+    report = evaluator.report(params)
+  except ValueError as e:
+    raise config_utils.Error(str(e)) from None
+  if jax.process_index() == 0:
+    log(format_table(report))
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "fewshot.json")
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2)
+    plot(report, os.path.join(workdir, "fewshot.png"),
+         title=f"({config.representation})")
+    log(f"wrote {path} and fewshot.png")
+  return report
+
+
+def run(argv):
+  """Runs the command line `argv`; returns the exit status."""
+  FLAGS.unparse_flags()
+  try:
+    FLAGS(argv)
+  except (flags.Error, config_utils.Error) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"error: {lines[-1] if lines else e}", file=sys.stderr)
+    return 1
+  if not _WORKDIR.value:
+    print("error: pass --workdir=DIR (a training workdir, or where to write "
+          "fewshot.json with --init)", file=sys.stderr)
+    return 1
+  logging.set_verbosity(logging.WARNING)
+  try:
+    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+    evaluate(_WORKDIR.value, _CONFIG.value, init=_INIT.value,
+             model_name=_MODEL.value,
+             overrides=parse_overrides(_OVERRIDE.value),
+             use_ema=_EMA.value)
+  except config_utils.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def main():
+  sys.exit(run(sys.argv))
+
+
+if __name__ == "__main__":
+  main()
