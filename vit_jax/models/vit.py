@@ -126,7 +126,8 @@ class Encoder1DBlock(nn.Module):
   """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)), with drop path.
 
   Called as `block(x, (head_mask, drop_path_rate))` and returns
-  `(x, (x, attention_weights))` so that it can be scanned over layers.
+  `(x, (x or None, attention weights or None))` so that it can be scanned
+  over layers; the per-layer outputs are None unless requested.
   """
   mlp_dim: int
   num_heads: int
@@ -139,6 +140,7 @@ class Encoder1DBlock(nn.Module):
   use_drop_path: bool = False
   deterministic: bool = True
   output_attentions: bool = False
+  output_hidden_states: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -170,7 +172,7 @@ class Encoder1DBlock(nn.Module):
     x = x + self._drop_path(y, drop_path_rate)
     if not self.output_attentions:
       weights = None
-    return x, (x, weights)
+    return x, (x if self.output_hidden_states else None, weights)
 
 
 class AddPositionEmbs(nn.Module):
@@ -266,13 +268,15 @@ class Encoder(nn.Module):
         qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
         hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
         use_drop_path=self.stochastic_depth > 0, deterministic=not train,
-        output_attentions=output_attentions, dtype=self.dtype,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states, dtype=self.dtype,
         param_dtype=self.param_dtype)
     block = self._block_class()
     if self.scan:
       x, (hidden, weights) = block(name="encoderblock", **block_kw)(
           x, (head_mask, jnp.asarray(rates)))
-      hidden = [hidden[i] for i in range(self.num_layers)]
+      hidden = [None if hidden is None else hidden[i]
+                for i in range(self.num_layers)]
       weights = [None if weights is None else weights[i]
                  for i in range(self.num_layers)]
     else:
