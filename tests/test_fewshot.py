@@ -1,0 +1,157 @@
+"""Few-shot evaluator: sampling, sharded features, report, short classes."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+from sklearn import linear_model
+
+from vit_jax import data
+from vit_jax import models
+from vit_jax import sharding
+from vit_jax.evaluators import fewshot
+from vit_jax.evaluators import ridge
+
+IMAGE = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert jax.device_count() == 8
+  return sharding.make_mesh((("data", -1), ("model", 1)))
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = models.create("testing", num_classes=10, image_size=IMAGE,
+                        num_channels=1, patch_size=4)
+  params = jax.jit(model.init)({"params": jax.random.PRNGKey(0)},
+                               np.zeros((1, *IMAGE, 1), np.float32))["params"]
+  return model, jax.device_get(params)
+
+
+def _config(**kw):
+  c = fewshot.default_config()
+  c.update(dict(shots=(1, 5), seeds=(0, 1), batch_size=64,
+                l2_regs=(2.0**-2, 2.0**3, 2.0**8)))
+  c.update(kw)
+  return c
+
+
+def test_sample_is_nested_balanced_and_seeded():
+  labels = np.array([0] * 7 + [1] * 3 + [2] * 10)
+  np.random.default_rng(0).shuffle(labels)
+  rows, counts = fewshot.sample(labels, 3, shots=(1, 2, 5), seeds=(0, 1))
+  np.testing.assert_array_equal(counts, [7, 3, 10])
+  for s in range(2):
+    for small, big in ((1, 2), (2, 5)):
+      assert set(rows[small][s]) < set(rows[big][s])
+    for n in (1, 2, 5):
+      r = rows[n][s]
+      assert len(set(r)) == len(r)
+      np.testing.assert_array_equal(
+          np.bincount(labels[r], minlength=3), np.minimum(n, counts))
+  assert set(rows[5][0]) != set(rows[5][1])
+  again, _ = fewshot.sample(labels, 3, shots=(1, 2, 5), seeds=(0, 1))
+  for n in rows:
+    np.testing.assert_array_equal(rows[n], again[n])
+
+
+def test_features_equal_unsharded_model(mesh, model_and_params):
+  model, params = model_and_params
+  ev = fewshot.FewShotEvaluator(model, mesh, _config(image_size=IMAGE))
+  src = data.get_source("digits", "test")
+  x, labels = ev.features(ev._place(params), src)  # 360 = 5 * 64 + 40 padded
+  batch = next(iter(data.eval_batches(src, len(src), IMAGE)))
+  _, out = model.apply({"params": params}, batch["image"], train=False)
+  assert x.shape == (len(src), model.hidden_size)
+  np.testing.assert_allclose(x, np.asarray(out["pre_logits"]), atol=1e-5)
+  np.testing.assert_array_equal(labels, [src[i]["label"]
+                                         for i in range(len(src))])
+
+
+def test_pixel_report_matches_sklearn_and_metrics(mesh):
+  ev = fewshot.FewShotEvaluator(None, mesh, _config(representation="pixels"))
+  report = ev.report(None)
+  train = data.get_source("digits", "train")
+  test = data.get_source("digits", "test")
+  pix = lambda src: np.stack([src[i]["image"] for i in range(len(src))]  # pylint: disable=g-long-lambda
+                            ).reshape(len(src), -1).astype(np.float32)
+  x_train, x_test = pix(train), pix(test)
+  y_test = np.array([test[i]["label"] for i in range(len(test))])
+  rows, _ = fewshot.sample(train.labels, 10, (1, 5), (0, 1))
+  for n in ("1", "5"):
+    r = report["digits"][n]
+    assert r["num_train"] == 10 * int(n) and r["short_classes"] == {}
+    assert len(r["per_seed"]) == 2 and set(r["l2"]) <= set(ev.l2s.tolist())
+    np.testing.assert_allclose(r["mean"], np.mean(r["per_seed"]), atol=1e-6)
+    for s in range(2):
+      # Raw uint8 pixels: whitening removes the [-1, 1] rescaling.
+      xs, ys = x_train[rows[int(n)][s]], train.labels[rows[int(n)][s]]
+      mean, scale = ridge.whitening(xs)
+      xd = np.asarray(ridge.design(xs, mean, scale), np.float64)
+      xt = np.asarray(ridge.design(x_test, mean, scale), np.float64)
+      for l2, acc in ((r["l2"][s], r["per_seed"][s]),
+                      (r["fixed_l2"], r["fixed_l2_per_seed"][s])):
+        pred = linear_model.Ridge(alpha=l2, fit_intercept=False).fit(
+            xd, 2.0 * np.eye(10)[ys] - 1.0).predict(xt).argmax(-1)
+        assert abs(np.mean(pred == y_test) - acc) <= 1.5 / len(y_test)
+  m = fewshot.metrics(report)
+  assert m["fewshot/digits/5shot"] == report["digits"]["5"]["mean"]
+  assert m["fewshot/digits/5shot_fixed_l2"] == report["digits"]["5"][
+      "fixed_l2_mean"]
+  assert report["digits"]["5"]["mean"] > report["digits"]["1"]["mean"]
+
+  # A source without `labels` (features of the whole split) gives the same.
+  ev2 = fewshot.FewShotEvaluator(None, mesh, _config(representation="pixels"))
+  ev2.datasets = [("digits", fewshot._Subset(train, np.arange(len(train))),
+                   test)]
+  assert ev2.report(None) == report
+
+
+def _write_folder(root, counts):
+  rng = np.random.default_rng(0)
+  for split, per_class in counts.items():
+    for c, n in enumerate(per_class):
+      d = os.path.join(root, split, f"class{c}")
+      os.makedirs(d)
+      for i in range(n):
+        img = (rng.random((8, 8)) * 80 + 80 * c).astype(np.uint8)
+        PIL.Image.fromarray(img).save(os.path.join(d, f"{i}.png"))
+
+
+def test_short_classes_are_reported(mesh, tmp_path):
+  _write_folder(str(tmp_path), {"train": [4, 1, 5], "test": [2, 2, 2]})
+  logs = []
+  cfg = _config(representation="pixels", shots=(1, 3), batch_size=8,
+                datasets=(("tiny", f"folder:{tmp_path}", "train", "test"),))
+  ev = fewshot.from_config(cfg, None, mesh)
+  ev.log = logs.append
+  report = ev.report(None)
+  assert report["tiny"]["1"]["short_classes"] == {}
+  assert report["tiny"]["3"]["short_classes"] == {"1": 1}
+  assert report["tiny"]["3"]["num_train"] == 3 + 1 + 3
+  assert len(logs) == 1 and "class 1: 1" in logs[0]
+  ev.report(None)
+  assert len(logs) == 1  # Warned once per evaluator.
+
+
+def test_config_errors(mesh):
+  with pytest.raises(ValueError, match="not divisible"):
+    fewshot.from_config(_config(batch_size=12), None, mesh)
+  with pytest.raises(ValueError, match="must be \\(name, source"):
+    fewshot.from_config(_config(datasets=(("digits", "train", "test"),)),
+                        None, mesh)
+  cfg = fewshot.resolve_config(ml_collections.ConfigDict(dict(num_seeds=3)))
+  assert tuple(cfg.seeds) == (0, 1, 2)
+
+
+def test_unknown_representation(mesh, model_and_params):
+  model, params = model_and_params
+  ev = fewshot.from_config(_config(representation="nope", image_size=IMAGE),
+                           model, mesh)
+  with pytest.raises(ValueError, match="'nope' is not an output"):
+    ev.report(params)
