@@ -124,7 +124,9 @@ def default_config():
   c.resample_posemb = False
   c.dont_load = ()      # Regexes of parameters to keep from random init.
 
-  # Few-shot evaluation (vit_jax.evaluators.fewshot); None disables it.
+  # Few-shot evaluation (vit_jax.evaluators.fewshot), a ConfigDict whose
+  # `log_steps` is its period (0: only at the end; negative: never, e.g.
+  # `--config.fewshot.log_steps=-1` from the command line). None disables it.
   c.fewshot = None
 
   # Testing aid: SIGKILL the process right after the checkpoint of this step.

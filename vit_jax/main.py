@@ -1,0 +1,78 @@
+"""Command line: train, evaluate, checkpoint and resume an experiment config.
+
+  python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/digits
+  python -m vit_jax.main --config=configs/vit.py:B/16,cifar10 \
+      --config.init=ViT-B_16.npz --workdir=/tmp/ft [--config.field=value ...]
+
+Running the same command again resumes from the newest checkpoint in the
+workdir. Several processes (hosts) join with `--distributed` (or
+`config.distributed`, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID environment variables).
+
+Problems the user can fix are printed as one line `error: <message>` and the
+exit status is 1.
+"""
+
+import sys
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from vit_jax import config_utils
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: configs/<name>.py[:arg].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and the config.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first.")
+
+
+def _fail(message):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  return 1
+
+
+def _parse(argv):
+  """Parses flags; returns an error message or None."""
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(argv)
+  except config_utils.Error as e:
+    return str(e)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[-1] if lines else str(e)
+  if _CONFIG.value is None:
+    return "pass --config=configs/<name>.py[:arg]"
+  if not _WORKDIR.value:
+    return "pass --workdir=DIR (checkpoints, metrics and config go there)"
+  return None
+
+
+def run(argv):
+  """Runs the command line `argv` (argv[0] is the program); returns status."""
+  message = _parse(argv)
+  if message:
+    return _fail(message)
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  try:
+    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.maybe_initialize_distributed(
+        _DISTRIBUTED.value or bool(config.get("distributed")))
+    from vit_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except config_utils.Error as e:
+    return _fail(e)
+  return 0
+
+
+def main():
+  sys.exit(run(sys.argv))
+
+
+if __name__ == "__main__":
+  main()
