@@ -231,12 +231,15 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
 def run(argv):
   """Runs the command line `argv`; returns the exit status."""
   FLAGS.unparse_flags()
+  saved, sys.argv = sys.argv, list(argv)  # `--config.x` overrides read it.
   try:
     FLAGS(argv)
   except (flags.Error, config_utils.Error) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     print(f"error: {lines[-1] if lines else e}", file=sys.stderr)
     return 1
+  finally:
+    sys.argv = saved
   if not _WORKDIR.value:
     print("error: pass --workdir=DIR (a training workdir, or where to write "
           "fewshot.json with --init)", file=sys.stderr)
