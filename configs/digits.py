@@ -56,7 +56,6 @@ def get_config(arg=None):
       datasets=(("digits", "digits", "train", "test"),),
       shots=(1, 5, 10),
       seeds=(0, 1, 2),
-      l2_regs=tuple(2.0 ** i for i in range(-10, 20)),
       representation="pre_logits",
       image_size=c.image_size,
       batch_size=360,

@@ -163,8 +163,13 @@ def _fewshot_steps(config):
   return None if steps < 0 else steps
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, devices=None):
   """Trains, evaluates and checkpoints; resumes from DIR when possible.
+
+  Args:
+    config: the experiment ConfigDict (see `config_utils.default_config`).
+    workdir: directory for checkpoints, metrics.jsonl, tb/ and config.json.
+    devices: devices of the mesh (default: all of them).
 
   Returns:
     The metrics of the final evaluation (dict).
@@ -176,7 +181,7 @@ def train_and_evaluate(config, workdir):
   eval_batch_size = int(config.get("eval_batch_size") or batch_size)
 
   # Mesh.
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(batch_size, mesh, "batch_size")
   sharding.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
 
@@ -332,7 +337,7 @@ def train_and_evaluate(config, workdir):
               f"{int(results[f'{prefix}eval/num_examples'])}) "
               f"{prefix}eval/loss={results[f'{prefix}eval/loss']:.4f}")
       for k, v in sorted(results.items()):
-        if k.startswith("fewshot/") and not k.endswith("_std"):
+        if k.startswith("fewshot/") and k.endswith("shot"):
           writer.print(f"step {step}: {k}={v:.4f}")
     return results
 
