@@ -84,10 +84,12 @@ def test_bias_column_is_penalised():
 
 
 def test_constant_train_columns_are_dropped():
-  x = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 5.0]], np.float32)
+  x = np.array([[0.0, 1.0, 0.1], [0.0, 3.0, 0.1], [0.0, 5.0, 0.1]],
+               np.float32)
   mean, scale = ridge.whitening(x)
-  test = ridge.design(np.array([[7.0, 3.0]], np.float32), mean, scale)
-  np.testing.assert_allclose(np.asarray(test), [[0.0, 0.0, 1.0]], atol=1e-6)
+  test = ridge.design(np.array([[7.0, 3.0, 9.0]], np.float32), mean, scale)
+  np.testing.assert_allclose(np.asarray(test), [[0.0, 0.0, 0.0, 1.0]],
+                             atol=1e-6)
 
 
 def _brute_force_loo(xd, labels, k, l2s):

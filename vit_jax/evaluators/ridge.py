@@ -70,9 +70,10 @@ def whitening(x, eps=1e-5):
   """Mean and inverse scale of the columns of `x` (the few-shot train set).
 
   Features are centred by the mean and divided by std + eps. Columns that are
-  constant on `x` carry no information; their scale is 0 instead of 1/eps so
-  that test features are not amplified by 1/eps (raw pixels at an image border
-  are an example).
+  constant on `x` (std <= 1e-6 (1 + |mean|), i.e. zero up to float32
+  rounding) carry no information; their scale is 0 instead of 1/eps so that
+  test features are not amplified by 1/eps (raw pixels at an image border are
+  an example).
 
   Args:
     x: [N, D] features.
@@ -84,7 +85,8 @@ def whitening(x, eps=1e-5):
   x = jnp.asarray(x, jnp.float32)
   mean = jnp.mean(x, axis=0)
   std = jnp.std(x, axis=0)
-  scale = jnp.where(std > 0, 1.0 / (std + eps), 0.0)
+  constant = std <= 1e-6 * (1.0 + jnp.abs(mean))
+  scale = jnp.where(constant, 0.0, 1.0 / (std + eps))
   return mean, scale
 
 
