@@ -12,8 +12,8 @@ the run's `fewshot` field, else `evaluators.fewshot.default_config()`.
 Prints a table (dataset x shots, mean ± std over seeds, with the L2 chosen by
 leave-one-out and with the fixed L2 = 2^10) and writes DIR/fewshot.json
 (`{dataset: {"<shots>": {"mean", "std", "l2", "fixed_l2_mean", ...}}}`) and
-the plot DIR/fewshot.png. Problems the user can fix are printed as one line
-`error: <message>` and the exit status is 1.
+the plot DIR/fewshot.png (or into --output_dir). Problems the user can fix
+are printed as one line `error: <message>` and the exit status is 1.
 """
 
 import ast
@@ -44,6 +44,9 @@ _MODEL = flags.DEFINE_string(
 _OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "Model field for --init, as name=value (Python literal "
     "or string), e.g. --override=classifier=gap.", flag_values=FLAGS)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Write fewshot.json and fewshot.png here instead of "
+    "--workdir.", flag_values=FLAGS)
 _EMA = flags.DEFINE_bool(
     "use_ema", False, "Use the Polyak-averaged parameters of the checkpoint.",
     flag_values=FLAGS)
@@ -184,8 +187,10 @@ def plot(report, path, title=""):
 
 
 def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
-             overrides=None, use_ema=False, log=print):
-  """Runs the evaluation; writes fewshot.json/.png into `workdir`.
+             overrides=None, use_ema=False, output_dir=None, log=print):
+  """Runs the evaluation; writes fewshot.json/.png into `output_dir`.
+
+  `output_dir` defaults to `workdir`.
 
   Returns:
     The report (see `evaluators.fewshot.FewShotEvaluator.report`).
@@ -218,11 +223,12 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
     raise config_utils.Error(str(e)) from None
   if jax.process_index() == 0:
     log(format_table(report))
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "fewshot.json")
+    output_dir = output_dir or workdir
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "fewshot.json")
     with open(path, "w") as f:
       json.dump(report, f, indent=2)
-    plot(report, os.path.join(workdir, "fewshot.png"),
+    plot(report, os.path.join(output_dir, "fewshot.png"),
          title=f"({config.representation})")
     log(f"wrote {path} and fewshot.png")
   return report
@@ -251,7 +257,7 @@ def run(argv):
     evaluate(_WORKDIR.value, _CONFIG.value, init=_INIT.value,
              model_name=_MODEL.value,
              overrides=parse_overrides(_OVERRIDE.value),
-             use_ema=_EMA.value)
+             use_ema=_EMA.value, output_dir=_OUTPUT_DIR.value)
   except config_utils.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
