@@ -78,9 +78,9 @@ def test_pixel_report_matches_sklearn_and_metrics(mesh):
   report = ev.report(None)
   train = data.get_source("digits", "train")
   test = data.get_source("digits", "test")
-  pix = lambda src: np.stack([src[i]["image"] for i in range(len(src))]  # pylint: disable=g-long-lambda
-                            ).reshape(len(src), -1).astype(np.float32)
-  x_train, x_test = pix(train), pix(test)
+  x_train, x_test = (
+      np.stack([s[i]["image"] for i in range(len(s))]).reshape(
+          len(s), -1).astype(np.float32) for s in (train, test))
   y_test = np.array([test[i]["label"] for i in range(len(test))])
   rows, _ = fewshot.sample(train.labels, 10, (1, 5), (0, 1))
   for n in ("1", "5"):

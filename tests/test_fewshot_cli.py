@@ -1,4 +1,4 @@
-"""`python -m vit_jax.fewshot`: a training workdir and a .npz give one report."""
+"""`python -m vit_jax.fewshot`: a workdir and a .npz give the same report."""
 
 import json
 import os

@@ -1,6 +1,6 @@
 """Writes the untrained digits ViT (configs/digits.py architecture) as .npz.
 
-  python experiments/fewshot_digits/random_init_npz.py /tmp/digits_random_init.npz
+  python experiments/fewshot_digits/random_init_npz.py /tmp/digits_init.npz
 """
 
 import sys

@@ -27,6 +27,7 @@ Standard deviations are over seeds (ddof=1; 0 for a single seed).
 """
 
 import functools
+import math
 import sys
 
 import jax
@@ -139,12 +140,12 @@ class FewShotEvaluator:
     self.fixed_index = ridge.l2_index(self.l2s, c.fixed_l2)
     self.batch_size = int(c.batch_size)
     n_data = mesh.shape["data"] if "data" in mesh.shape else 1
-    if self.batch_size % (n_data * jax.process_count()):
+    multiple = math.lcm(n_data, jax.process_count())
+    if self.batch_size % multiple:
       raise ValueError(
           f"fewshot batch_size={self.batch_size} is not divisible by the "
-          f"{n_data} devices of the 'data' mesh axis times "
-          f"{jax.process_count()} processes: use a multiple of "
-          f"{n_data * jax.process_count()}")
+          f"{n_data} devices of the 'data' mesh axis and the "
+          f"{jax.process_count()} processes: use a multiple of {multiple}")
     if self.representation == PIXELS or model is None:
       self.image_size = c.get("image_size")
     else:
@@ -154,7 +155,7 @@ class FewShotEvaluator:
       if len(entry) != 4:
         raise ValueError(
             f"fewshot dataset {entry!r} must be (name, source, train_split, "
-            "test_split), e.g. ('cifar100', 'tfds:cifar100', 'train[:10%]', "
+            "test_split), e.g. ('cifar100', 'tfds:cifar100', 'train', "
             "'test')")
       name, source, train_split, test_split = entry
       self.datasets.append((name, data.get_source(
@@ -162,7 +163,7 @@ class FewShotEvaluator:
               source, test_split, data_dir=c.get("data_dir"))))
     self._features_jit = jax.jit(
         self._features, out_shardings=NamedSharding(mesh, P("data")))
-    self._samples = {}      # dataset -> (rows, counts, pool labels or None)
+    self._samples = {}      # dataset -> (rows, counts) of `sample`
     self._pixel_cache = {}  # pixels do not depend on params
     self._warned = set()
 
@@ -193,6 +194,8 @@ class FewShotEvaluator:
 
   def features(self, params, source, desc=""):
     """Features [N, F] and labels [N] of every example, in source order."""
+    if not len(source):
+      raise ValueError(f"fewshot {desc or source!r}: the split is empty")
     pi, pc = jax.process_index(), jax.process_count()
     local_b = data.local_batch_size(self.batch_size, pc)
     start, _ = data.eval_range(len(source), pi, pc)
