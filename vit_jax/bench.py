@@ -204,6 +204,7 @@ MODES = {"fewshot": (fewshot, _print_fewshot)}
 def main(argv=None):
   """Runs the selected benchmarks; returns the exit status."""
   f = FLAGS
+  f.unparse_flags()
   try:
     f(sys.argv if argv is None else argv)
   except flags.Error as e:
