@@ -101,7 +101,7 @@ def _npz_model(path, name, overrides, image_size):
   kwargs.update(overrides)
   try:
     model = models.create(name, **kwargs)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # Config or missing data.
     raise config_utils.Error(str(e)) from None
   table = params.get("Transformer", {}).get("posembed_input", {}).get(
       "pos_embedding")
@@ -219,7 +219,7 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
   try:
     evaluator = fewshot.FewShotEvaluator(model, mesh, config, log=log)
     report = evaluator.report(params)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # Config or missing data.
     raise config_utils.Error(str(e)) from None
   if jax.process_index() == 0:
     log(format_table(report))
