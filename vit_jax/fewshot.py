@@ -101,7 +101,7 @@ def _npz_model(path, name, overrides, image_size):
   kwargs.update(overrides)
   try:
     model = models.create(name, **kwargs)
-  except (ValueError, FileNotFoundError) as e:  # Config or missing data.
+  except ValueError as e:
     raise config_utils.Error(str(e)) from None
   table = params.get("Transformer", {}).get("posembed_input", {}).get(
       "pos_embedding")
