@@ -2,6 +2,9 @@
 
   python -m vit_jax.bench --fewshot [--fewshot_classes=100 --fewshot_dim=768]
       [--repeats=3] [--json=FILE]
+  python -m vit_jax.bench --throughput [--throughput_model=B/16
+      --throughput_batch=32 --throughput_image_size=224
+      --throughput_dtype=bfloat16 --throughput_peers]
 
 Each mode is a function `(flags) -> dict` registered in `MODES` under the name
 of its boolean flag; `main` runs every mode whose flag is set, prints its
@@ -13,6 +16,13 @@ Modes:
              jitted, warm) against scikit-learn's `RidgeClassifier(alpha=l2)`
              fitted once per (shots, seed, l2), on synthetic class-clustered
              features. Checks that the test accuracies agree.
+  --throughput  images per second of a variant's jitted inference and
+             training step (AdamW, donated buffers) on all local devices
+             (data parallel), the FLOPs per image from XLA's cost analysis and,
+             where the device's peak is known (or `--peak_tflops` given), the
+             model FLOPs utilisation (MFU). `--throughput_peers` times the same
+             model's inference in timm and Hugging Face (PyTorch, same
+             device kind when it has one, else CPU) beside it.
 
 Timings are the best of `--repeats` runs (the two sides interleaved), which is
 robust against other load on the machine.
@@ -46,6 +56,30 @@ _L2S = flags.DEFINE_list(
 _TEST_PER_CLASS = flags.DEFINE_integer(
     "fewshot_test_per_class", 10, "Few-shot: test examples per class.",
     flag_values=FLAGS)
+_THROUGHPUT = flags.DEFINE_bool(
+    "throughput", False, "Images/s, FLOPs and MFU of inference and training.",
+    flag_values=FLAGS)
+flags.DEFINE_string(
+    "throughput_model", "B/16", "Throughput: model variant.",
+    flag_values=FLAGS)
+flags.DEFINE_integer(
+    "throughput_batch", 32, "Throughput: global batch size.",
+    flag_values=FLAGS)
+flags.DEFINE_integer(
+    "throughput_image_size", 224, "Throughput: image size.",
+    flag_values=FLAGS)
+flags.DEFINE_enum(
+    "throughput_dtype", "float32", ["float32", "bfloat16"],
+    "Throughput: compute dtype (parameters stay float32).", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "throughput_steps", 10, "Throughput: timed steps per measurement.",
+    flag_values=FLAGS)
+flags.DEFINE_bool(
+    "throughput_peers", False, "Throughput: also time timm and Hugging Face "
+    "inference (needs the torch extra).", flag_values=FLAGS)
+flags.DEFINE_float(
+    "peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: "
+    "known for H100/H200/A100; none on CPU).", flag_values=FLAGS)
 _REPEATS = flags.DEFINE_integer(
     "repeats", 3, "Timed runs per side; the best counts.", flag_values=FLAGS)
 _JSON = flags.DEFINE_string(
@@ -198,7 +232,181 @@ def _print_fewshot(r):
   print(f"  mean test accuracy over seeds and L2: {means}")
 
 
-MODES = {"fewshot": (fewshot, _print_fewshot)}
+# Dense bf16 peak TFLOP/s of one device, by `device_kind` substring.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "v5p": 459.0,
+               "v5 lite": 197.0, "v4": 275.0}
+
+
+def _peak_tflops(f, device_kind, dtype):
+  if f.peak_tflops:
+    return f.peak_tflops
+  for name, peak in PEAK_TFLOPS.items():
+    if name in device_kind:
+      return peak if dtype == "bfloat16" else None
+  return None
+
+
+def _best_rate(fn, steps, repeats, batch):
+  """Best images/s over `repeats` runs of `steps` calls of `fn`."""
+  best = 0.0
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = fn()
+    _block(out)
+    best = max(best, steps * batch / (time.perf_counter() - start))
+  return best
+
+
+def _block(out):
+  import jax  # pylint: disable=g-import-not-at-top
+  if hasattr(out, "detach"):  # torch
+    out.sum().item()
+  else:
+    jax.block_until_ready(out)
+
+
+def throughput(f):
+  """Inference and training images/s of one variant on all local devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from vit_jax import losses, models  # pylint: disable=g-import-not-at-top,g-multiple-import
+
+  size, batch = f.throughput_image_size, f.throughput_batch
+  devices = jax.local_devices()
+  if batch % len(devices):
+    raise ValueError(f"--throughput_batch={batch} is not divisible by the "
+                     f"{len(devices)} local devices")
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  data_sh, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  model = models.create(f.throughput_model, num_classes=1000,
+                        image_size=(size, size), dtype=f.throughput_dtype)
+  images = jax.device_put(
+      np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(
+          np.float32), data_sh)
+  labels = jax.device_put(np.arange(batch) % 1000, data_sh)
+  params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x)["params"],
+                   out_shardings=repl)(images)
+  tx = optax.adamw(1e-4, weight_decay=0.1)
+  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+
+  infer = jax.jit(lambda p, x: model.apply({"params": p}, x)[0],
+                  in_shardings=(repl, data_sh), out_shardings=data_sh)
+
+  def step(p, s, x, y):
+    def loss_fn(p):
+      logits, _ = model.apply({"params": p}, x, train=True)
+      return jnp.mean(losses.softmax_xent(logits, jax.nn.one_hot(y, 1000)))
+    grads = jax.grad(loss_fn)(p)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  train = jax.jit(step, in_shardings=(repl, repl, data_sh, data_sh),
+                  out_shardings=(repl, repl), donate_argnums=(0, 1))
+
+  def flops_per_image(jitted, *args):
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) * len(devices) / batch
+
+  infer_flops = flops_per_image(infer, params, images)
+  train_flops = flops_per_image(train, params, opt_state, images, labels)
+  _block(infer(params, images))
+  state = {"p": params, "s": opt_state}
+
+  def train_once():
+    state["p"], state["s"] = train(state["p"], state["s"], images, labels)
+    return state["p"]
+
+  _block(train_once())
+  steps, repeats = f.throughput_steps, f.repeats
+  rates = {
+      "vit_jax inference": _best_rate(lambda: infer(state["p"], images),
+                                      steps, repeats, batch),
+      "vit_jax train step": _best_rate(train_once, steps, repeats, batch),
+  }
+  if f.throughput_peers:
+    rates.update(_peer_rates(model, f, steps, repeats, jax.default_backend()))
+  kind = devices[0].device_kind
+  peak = _peak_tflops(f, kind, f.throughput_dtype)
+  mfu = {}
+  if peak:
+    total_peak = peak * 1e12 * len(devices)
+    mfu = {"inference": rates["vit_jax inference"] * infer_flops / total_peak,
+           "train step": rates["vit_jax train step"] * train_flops / total_peak}
+  return {
+      "setup": dict(model=f.throughput_model, batch=batch, image_size=size,
+                    dtype=f.throughput_dtype, backend=jax.default_backend(),
+                    device_kind=kind, devices=len(devices), steps=steps,
+                    repeats=repeats, peak_tflops_per_device=peak),
+      "gflops_per_image": {"inference": infer_flops / 1e9,
+                           "train step": train_flops / 1e9},
+      "images_per_second": rates,
+      "mfu": mfu,
+  }
+
+
+def _peer_rates(model, f, steps, repeats, backend):
+  """Inference images/s of the same architecture in timm and transformers."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+  dtype = torch.bfloat16 if f.throughput_dtype == "bfloat16" else torch.float32
+  size, batch = f.throughput_image_size, f.throughput_batch
+  ph = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[0]
+  peers = {
+      "timm": vision_transformer.VisionTransformer(
+          img_size=size, patch_size=ph, embed_dim=model.hidden_size,
+          depth=model.num_layers, num_heads=model.num_heads,
+          mlp_ratio=model.mlp_dim / model.hidden_size, num_classes=1000,
+          act_layer="gelu_tanh"),
+      "transformers": transformers.ViTForImageClassification(
+          transformers.ViTConfig(
+              image_size=size, patch_size=ph, hidden_size=model.hidden_size,
+              num_hidden_layers=model.num_layers,
+              num_attention_heads=model.num_heads,
+              intermediate_size=model.mlp_dim, num_labels=1000,
+              hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+              attn_implementation="sdpa")),
+  }
+  x = torch.rand(batch, 3, size, size, device=device, dtype=dtype) * 2 - 1
+  rates = {}
+  for name, net in peers.items():
+    net = net.to(device=device, dtype=dtype).eval()
+
+    def run(net=net):
+      with torch.inference_mode():
+        out = net(x)
+      return out if torch.is_tensor(out) else out.logits
+
+    run()
+    rates[f"{name} inference ({device})"] = _best_rate(run, steps, repeats,
+                                                       batch)
+  return rates
+
+
+def _print_throughput(r):
+  s = r["setup"]
+  print(f"throughput: {s['model']}, batch {s['batch']}, {s['image_size']} px, "
+        f"{s['dtype']}, {s['devices']} x {s['device_kind']} "
+        f"({s['backend']}), best of {s['repeats']} x {s['steps']} steps")
+  g = r["gflops_per_image"]
+  print(f"  GFLOPs per image (XLA): inference {g['inference']:.2f}, "
+        f"train step {g['train step']:.2f}")
+  for name, rate in r["images_per_second"].items():
+    print(f"  {name:34s} {rate:10.1f} img/s")
+  for name, value in r["mfu"].items():
+    print(f"  MFU {name}: {100 * value:.1f}% of "
+          f"{s['peak_tflops_per_device']} TFLOP/s per device")
+
+
+MODES = {"fewshot": (fewshot, _print_fewshot),
+         "throughput": (throughput, _print_throughput)}
 
 
 def main(argv=None):
@@ -218,7 +426,11 @@ def main(argv=None):
   results = {}
   for name in selected:
     run, show = MODES[name]
-    results[name] = run(f)
+    try:
+      results[name] = run(f)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
     show(results[name])
   if _JSON.value:
     with open(_JSON.value, "w") as fp:
