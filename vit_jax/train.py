@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +87,47 @@ def _get_source(config, split):
     msg = e.args[0] if e.args else str(e)
     raise Error(f"cannot load dataset {config.dataset!r} split {split!r}: "
                 f"{msg}") from None
+
+
+class _TrainPreprocess(grain.transforms.RandomMap):
+  """`data.train_image` on one example."""
+
+  def __init__(self, **options):
+    self.options = options
+
+  def random_map(self, element, rng):
+    return {"image": data.train_image(element["image"], rng, **self.options),
+            "label": np.int32(element["label"])}
+
+
+def _train_loader(config, source, image_size):
+  """This process's share of one global stream of training batches.
+
+  The sampler orders the whole training set (reshuffled every epoch) and
+  seeds each example's augmentation by its position in that order; process
+  p of P reads positions p, p + P, p + 2P, .... The examples of global step k
+  are therefore positions [k * B, (k + 1) * B) whatever the number of
+  processes, so runs on different process counts see the same batches.
+  """
+  pp = config.pp
+  process_count, batch_size = jax.process_count(), int(config.batch_size)
+  local = data.local_batch_size(batch_size, process_count)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shuffle=True, seed=int(config.seed),
+      num_epochs=None, shard_options=grain.sharding.NoSharding())
+  preprocess = _TrainPreprocess(
+      image_size=image_size, inception_crop=pp.get("inception_crop", True),
+      crop_area=tuple(pp.get("crop_area", (0.05, 1.0))),
+      flip=pp.get("flip", True), num_channels=config.get("num_channels"))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[preprocess,
+                  grain.transforms.Batch(batch_size=local,
+                                         drop_remainder=True)],
+      worker_count=int(pp.get("worker_count", 0)),
+      shard_options=grain.sharding.ShardOptions(
+          shard_index=jax.process_index(), shard_count=process_count,
+          drop_remainder=True))
 
 
 def _create_model(config, num_classes, image_size, num_channels, **extra):
@@ -189,16 +231,7 @@ def train_and_evaluate(config, workdir, devices=None):
   train_src = _get_source(config, config.train_split)
   total_steps = config_utils.resolve_steps(config, len(train_src))
   num_classes = int(train_src.num_classes)
-  pp = config.pp
-  train_loader = data.train_loader(
-      train_src, global_batch_size=batch_size, image_size=image_size,
-      seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      inception_crop=pp.get("inception_crop", True),
-      crop_area=tuple(pp.get("crop_area", (0.05, 1.0))),
-      flip=pp.get("flip", True), num_channels=config.get("num_channels"),
-      worker_count=pp.get("worker_count", 0))
-  train_iter = iter(train_loader)
+  train_iter = iter(_train_loader(config, train_src, image_size))
   num_channels = config.get("num_channels") or int(
       np.asarray(train_src[0]["image"]).shape[-1])
 
@@ -271,7 +304,7 @@ def train_and_evaluate(config, workdir, devices=None):
     if ema_decay:
       new_state["ema"] = optim.ema_update(state["ema"], new_params,
                                           ema_decay, step)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                "train/lr": schedule(step)}
     return new_state, metrics
 

@@ -1,0 +1,152 @@
+"""End-to-end runs of `python -m vit_jax.main` in subprocesses.
+
+- two processes (gloo, 4 simulated devices each) match one 8-device process;
+- a run SIGKILLed after a checkpoint and restarted ends bitwise equal to an
+  uninterrupted one;
+- SIGTERM saves a checkpoint and exits cleanly, with config.json,
+  metrics.jsonl and TensorBoard events in the workdir.
+"""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from vit_jax import checkpoint
+from vit_jax import metrics
+from vit_jax import train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sharding import losses, tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The command-line equivalent of `tiny_config()`.
+TINY = [
+    "--config=configs/digits.py:runlocal", "--config.total_steps=3",
+    "--config.log_steps=1", "--config.eval_steps=0",
+    "--config.checkpoint_steps=0", "--config.fewshot.log_steps=-1",
+    "--config.progress=False", "--config.batch_size=16",
+    "--config.eval_batch_size=120", "--config.image_size=(8, 8)",
+    "--config.model.hidden_size=16", "--config.model.mlp_dim=32",
+    "--config.model.num_heads=4", "--config.model.num_layers=1",
+    "--config.model.patch_size=4",
+]
+
+
+def _env(devices, cache_dir=None, **extra):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+  if cache_dir:  # Runs of the same config compile once.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _main(args, env, **kwargs):
+  return subprocess.Popen(
+      [sys.executable, "-m", "vit_jax.main", *args], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _finish(proc, timeout=240):
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, _ = proc.communicate()
+    pytest.fail(f"timed out:\n{out[-3000:]}")
+  return proc.returncode, out
+
+
+def test_two_processes_match_one_process(tmp_path):
+  port = portpicker.pick_unused_port()
+  workdir = str(tmp_path / "multi")
+  procs = [
+      _main(TINY + [f"--workdir={workdir}"], _env(
+          4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+          JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+      for i in range(2)]
+  # Meanwhile, the single-process reference on this process's 8 devices.
+  reference_dir = str(tmp_path / "single")
+  assert len(jax.devices()) == 8
+  train.train_and_evaluate(tiny_config(), reference_dir)
+  for proc in procs:
+    rc, out = _finish(proc)
+    assert rc == 0, out[-3000:]
+  got, want = losses(workdir), losses(reference_dir)
+  assert len(got) == len(want) == 3
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  rows = metrics.read_jsonl(workdir)
+  assert [r["eval/num_examples"] for r in rows if "eval/accuracy" in r] == [
+      360]
+  # Both processes wrote one checkpoint together.
+  params, _ = checkpoint.latest_params(workdir)
+  ref_params, _ = checkpoint.latest_params(reference_dir)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
+  cache = tmp_path / "cache"
+  args = TINY + ["--config.total_steps=6", "--config.checkpoint_steps=2"]
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  rc, out = _finish(_main(args + [f"--workdir={full}"], _env(8, cache)))
+  assert rc == 0, out[-3000:]
+  rc, out = _finish(_main(
+      args + [f"--workdir={killed}", "--config.debug_stop_after_step=4"],
+      _env(8, cache)))
+  assert rc == -signal.SIGKILL, out[-3000:]
+  assert sorted(int(s) for s in os.listdir(os.path.join(killed,
+                                                        "checkpoints"))) == [
+                                                            2, 4]
+  rc, out = _finish(_main(args + [f"--workdir={killed}"], _env(8, cache)))
+  assert rc == 0, out[-3000:]
+  assert "resumed from the checkpoint at step 4" in out
+  a, _ = checkpoint.latest_params(full)
+  b, _ = checkpoint.latest_params(killed)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                          jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=str(path))
+  # The resumed run logged the same losses for the steps after the kill.
+  la = {r["step"]: r["train/loss"] for r in metrics.read_jsonl(full)
+        if "train/loss" in r}
+  lb = {r["step"]: r["train/loss"] for r in metrics.read_jsonl(killed)
+        if "train/loss" in r}
+  assert la[5] == lb[5] and la[6] == lb[6]
+
+
+def test_sigterm_saves_checkpoint_and_exits(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = TINY + ["--config.total_steps=100000", "--config.log_steps=1",
+                 f"--workdir={workdir}"]
+  proc = _main(args, _env(8))
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 180
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(jsonl) and len(metrics.read_jsonl(workdir)) >= 2:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.communicate()[0][-3000:]
+  proc.send_signal(signal.SIGTERM)
+  rc, out = _finish(proc)
+  assert rc == 0, out[-3000:]
+  assert "stopped by SIGTERM" in out
+  assert "Traceback" not in out
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(steps) == 1 and steps[0] >= 2
+  logged = max(r["step"] for r in metrics.read_jsonl(workdir))
+  assert steps[0] == logged
+  params, config = checkpoint.latest_params(workdir)
+  assert config.resolved.num_classes == 10
+  assert params["head"]["kernel"].shape == (16, 10)
+  assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
