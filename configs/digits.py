@@ -57,7 +57,6 @@ def get_config(arg=None):
       shots=(1, 5, 10),
       seeds=(0, 1, 2),
       representation="pre_logits",
-      image_size=c.image_size,
       batch_size=360,
       log_steps=0,  # Only at the end.
   ))

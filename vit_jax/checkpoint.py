@@ -17,6 +17,7 @@ converts), together with the resolved config from `DIR/config.json`.
 to zeros, "don't load" regexes skipped.
 """
 
+import json
 import os
 import re
 import shutil
@@ -89,7 +90,15 @@ class Manager:
     Returns:
       (step, state, data_state), or None when there is no checkpoint.
     """
+    expected = {k: tuple(v.shape) for k, v in flatten(
+        abstract_state["params"]).items()}
     for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        stored = self._param_shapes(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      _check_compatible(stored, expected, step, self.directory)
       try:
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -99,6 +108,14 @@ class Manager:
         continue
       return step, restored["state"], restored["data"]
     return None
+
+  def _param_shapes(self, step):
+    """{path: shape} of the parameters stored at `step` (metadata only)."""
+    _check_files(os.path.join(self.directory, str(step)))
+    path = os.path.join(self.directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(path).item_metadata.tree
+    return {k: tuple(v.shape) for k, v in flatten(tree["params"]).items()}
 
   def _set_aside(self, step, error):
     """Moves an unreadable checkpoint out of the manager's directory."""
@@ -114,6 +131,38 @@ class Manager:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._mngr.reload()
+
+
+def _check_files(step_dir):
+  """Cheap structural checks of a step directory before tensorstore reads."""
+  state = os.path.join(step_dir, "state")
+  with open(os.path.join(state, "_METADATA")) as f:
+    json.load(f)
+  for name in os.listdir(os.path.join(step_dir, "data")):
+    if name.endswith(".json") or "." not in name:
+      path = os.path.join(step_dir, "data", name)
+      if os.path.isfile(path):
+        with open(path) as f:
+          json.load(f)
+  with open(os.path.join(state, "_METADATA")) as f:
+    if json.load(f).get("use_ocdbt", True):
+      manifest = os.path.join(state, "manifest.ocdbt")
+      if not os.path.isfile(manifest) or not os.path.getsize(manifest):
+        raise FileNotFoundError(f"{manifest} is missing or empty")
+
+
+def _check_compatible(stored, expected, step, directory):
+  """A readable checkpoint written by another model config is an error."""
+  if stored == expected:
+    return
+  diffs = [f"{k}: checkpoint {stored.get(k)}, model {expected.get(k)}"
+           for k in sorted(set(stored) | set(expected))
+           if stored.get(k) != expected.get(k)]
+  raise config_utils.Error(
+      f"the checkpoint at step {step} in {directory} was written with another "
+      f"model config ({'; '.join(diffs[:3])}"
+      f"{' ...' if len(diffs) > 3 else ''}): resume with the config it was "
+      "trained with, or pass a new --workdir")
 
 
 def _restore_numpy(step_dir):

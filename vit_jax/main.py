@@ -37,11 +37,19 @@ def _fail(message):
 
 def _parse(argv):
   """Parses flags; returns an error message or None."""
+  for name in list(flags.FLAGS):  # Overrides of an earlier parse.
+    if name.startswith("config."):
+      delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
+  sys.argv = list(argv)  # Config overrides are read from sys.argv.
   try:
     flags.FLAGS(argv)
   except config_utils.Error as e:
     return str(e)
+  except (AttributeError, KeyError) as e:  # An override of a missing field.
+    detail = str(e).strip("'\"")
+    return (f"unknown config field {detail}: check the --config.<field> "
+            "overrides against the config file")
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     return lines[-1] if lines else str(e)

@@ -312,12 +312,6 @@ def train_and_evaluate(config, workdir, devices=None):
       train_step, in_shardings=(state_shardings, batch_shard),
       out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
-  # Metric writer, resolved config.
-  if jax.process_index() == 0:
-    config_utils.save_config(config, workdir, extra={"resolved": dict(
-        total_steps=total_steps, num_classes=num_classes,
-        image_size=list(image_size), num_channels=num_channels,
-        model_kwargs=model_kwargs)})
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
   # Restore, or initialise (from scratch or from config.init).
@@ -337,6 +331,13 @@ def train_and_evaluate(config, workdir, devices=None):
     else:
       params = jax.jit(init_params, out_shardings=param_shardings)(rng)
     state = jax.jit(make_state, out_shardings=state_shardings)(params, rng)
+
+  # The resolved config, once the checkpoint (if any) is known to fit it.
+  if jax.process_index() == 0:
+    config_utils.save_config(config, workdir, extra={"resolved": dict(
+        total_steps=total_steps, num_classes=num_classes,
+        image_size=list(image_size), num_channels=num_channels,
+        model_kwargs=model_kwargs)})
 
   # Evaluators.
   evaluators = [(config.eval_steps, "", classification.from_config(
