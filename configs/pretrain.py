@@ -20,6 +20,7 @@ Per-dataset values follow the paper's Table 3:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from vit_jax import config_utils
 from vit_jax import models
@@ -39,6 +40,14 @@ DATASETS = {
     "oxford_flowers102": ("train", "test", 1_020, 300, None, 0.1,
                           "softmax_xent"),
 }
+
+
+def _architecture(variant):
+  """The variant's fields (overridable: --config.model.hidden_size=...)."""
+  arch = models.get_config(variant)
+  for key in ("num_classes", "image_size"):
+    arch.pop(key, None)
+  return ml_collections.ConfigDict(arch)
 
 
 def _check(variant, dataset):
@@ -79,9 +88,10 @@ def get_config(arg=None):
   c.loss = loss
 
   c.model_name = variant
-  c.model = ml_collections.ConfigDict(dict(
-      classifier="token", representation_size=width,
-      dropout_rate=0.1 if size in ("B", "L") else 0.0))
+  c.model = _architecture(variant)
+  c.model.classifier = "token"
+  c.model.representation_size = width
+  c.model.dropout_rate = 0.1 if size in ("B", "L") else 0.0
 
   c.optim.name = "adamw"
   c.optim.kwargs = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999))

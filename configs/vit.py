@@ -17,6 +17,7 @@ batches, a few steps); the dataset must still be prepared with tfds.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from vit_jax import config_utils
 from vit_jax import models
@@ -29,6 +30,14 @@ DATASETS = {
     "oxford_iiit_pet": ("train[:90%]", "test", 500, 0.03),
     "oxford_flowers102": ("train", "test", 500, 0.03),
 }
+
+
+def _architecture(variant):
+  """The variant's fields (overridable: --config.model.hidden_size=...)."""
+  arch = models.get_config(variant)
+  for key in ("num_classes", "image_size"):
+    arch.pop(key, None)
+  return ml_collections.ConfigDict(arch)
 
 
 def _check(variant, dataset):
@@ -63,8 +72,10 @@ def get_config(arg=None):
   c.total_steps = steps
 
   c.model_name = variant
-  c.model = ml_collections.ConfigDict(dict(
-      classifier="token", representation_size=None, dropout_rate=0.0))
+  c.model = _architecture(variant)
+  c.model.classifier = "token"
+  c.model.representation_size = config_dict.placeholder(int)
+  c.model.dropout_rate = 0.0
 
   c.optim.name = "sgd"
   c.optim.kwargs = ml_collections.ConfigDict(dict(momentum=0.9))

@@ -1,0 +1,78 @@
+"""Training through `main` on a real tfds dataset and on an image folder."""
+
+import os
+import sys
+
+import pytest
+
+from vit_jax import checkpoint
+from vit_jax import main
+from vit_jax import metrics
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import folder_fixture  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tfds_fixture  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--config=configs/vit.py:testing,cifar10,runlocal",
+    "--config.total_steps=3", "--config.log_steps=1", "--config.eval_steps=0",
+    "--config.checkpoint_steps=0", "--config.progress=False",
+    "--config.batch_size=16", "--config.eval_batch_size=16",
+    "--config.image_size=(16, 16)", "--config.model.hidden_size=16",
+    "--config.model.mlp_dim=32", "--config.model.num_heads=2",
+    "--config.model.patch_size=8", "--config.train_split=train",
+    "--config.eval_split=test",
+]
+
+
+def _run(capfd, workdir, *args):
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    rc = main.run(["vit_jax.main", *TINY, *args, f"--workdir={workdir}"])
+  finally:
+    os.chdir(cwd)
+  out, err = capfd.readouterr()
+  return rc, out + err
+
+
+def _check(workdir, num_classes, num_eval):
+  rows = metrics.read_jsonl(workdir)
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert len(evals) == 1 and evals[0]["eval/num_examples"] == num_eval
+  params, config = checkpoint.latest_params(workdir)
+  assert params["head"]["kernel"].shape == (16, num_classes)
+  assert config.resolved.num_classes == num_classes
+
+
+def test_tfds_dataset_end_to_end(capfd, tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  name = tfds_fixture.build_tiny_tfds(data_dir, image_size=(20, 20),
+                                      splits={"train": 64, "test": 24})
+  workdir = str(tmp_path / "w")
+  rc, out = _run(capfd, workdir, f"--config.dataset=tfds:{name}",
+                 f"--config.data_dir={data_dir}")
+  assert rc == 0, out
+  assert "eval/accuracy=" in out and "(24 examples)" not in out
+  _check(workdir, 10, 24)
+
+
+def test_image_folder_end_to_end(capfd, tmp_path):
+  root = folder_fixture.make_image_folder(
+      str(tmp_path / "images"), classes=("a", "b", "c"),
+      splits={"train": 8, "test": 3}, image_size=(12, 20))
+  workdir = str(tmp_path / "w")
+  rc, out = _run(capfd, workdir, f"--config.dataset=folder:{root}")
+  assert rc == 0, out
+  assert "/9)" in out  # eval/accuracy=... (k/9)
+  _check(workdir, 3, 9)
+
+
+def test_missing_tfds_dataset_is_one_line(capfd, tmp_path):
+  rc, out = _run(capfd, str(tmp_path / "w"), "--config.dataset=tfds:absent",
+                 f"--config.data_dir={tmp_path}")
+  assert rc == 1 and out.startswith("error: cannot load dataset"), out
+  assert "Traceback" not in out
