@@ -115,3 +115,16 @@ def test_sharded_training_matches_one_device(reference_losses, tmp_path, mesh,
   # The loss changes between steps, so step 2 and 3 exercise the updates.
   assert abs(reference_losses[2] - reference_losses[0]) > 1e-4
   np.testing.assert_allclose(got, reference_losses, rtol=1e-5)
+
+
+def test_accumulation_and_ema(reference_losses, tmp_path):
+  """Two microbatches give the one-batch losses; EMA weights are evaluated."""
+  c = tiny_config()
+  c.optim.accum_steps = 2
+  c.optim.ema_decay = 0.99
+  train.train_and_evaluate(c, str(tmp_path))
+  np.testing.assert_allclose(losses(str(tmp_path)), reference_losses,
+                             rtol=1e-5)
+  final = [r for r in metrics.read_jsonl(str(tmp_path))
+           if "ema/eval/accuracy" in r]
+  assert len(final) == 1 and final[0]["ema/eval/num_examples"] == 360
