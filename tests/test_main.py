@@ -106,3 +106,23 @@ def test_corrupt_latest_checkpoint_falls_back(capfd, tmp_path):
   assert set(checkpoint.flatten(good)) == set(
       checkpoint.flatten(checkpoint.latest_params(workdir)[0]))
   shutil.rmtree(workdir)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(capfd, tmp_path):
+  workdir = str(tmp_path / "w")
+  rc, out = _run(capfd, *TINY, "--config.checkpoint_steps=1",
+                 "--config.optim.name=sgd", "--config.optim.lr=1e30",
+                 "--config.optim.schedule=constant",
+                 "--config.optim.warmup_steps=0", f"--workdir={workdir}")
+  assert rc == 1, out
+  line = [l for l in out.splitlines() if l.startswith("error:")][0]
+  assert " at step " in line and "lower --config.optim.lr" in line, out
+  assert "Traceback" not in out
+  bad_step = int(line.split(" at step ")[1].split(";")[0])
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         "checkpoints")))
+  assert saved == list(range(1, bad_step))
+  params, _ = checkpoint.latest_params(workdir)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -11,6 +11,7 @@ resumed run continues exactly where the interrupted one stopped.
 
 import functools
 import os
+import re
 import signal
 import time
 
@@ -192,6 +193,11 @@ def _check_finite(pending):
           for (s, _), m in zip(pending, fetched)]
 
 
+def _natural(name):
+  """Sort key with numbers compared as numbers ("5shot" < "10shot")."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _every(step, period):
   return bool(period) and period > 0 and step % period == 0
 
@@ -370,7 +376,7 @@ def train_and_evaluate(config, workdir, devices=None):
               f"({int(results[f'{prefix}eval/num_correct'])}/"
               f"{int(results[f'{prefix}eval/num_examples'])}) "
               f"{prefix}eval/loss={results[f'{prefix}eval/loss']:.4f}")
-      for k, v in sorted(results.items()):
+      for k, v in sorted(results.items(), key=lambda kv: _natural(kv[0])):
         if k.startswith("fewshot/") and k.endswith("shot"):
           writer.print(f"step {step}: {k}={v:.4f}")
     return results
