@@ -34,9 +34,9 @@ def get_config(arg=None):
   c.total_steps = 800
 
   c.model_name = "testing"
-  c.model = ml_collections.ConfigDict(dict(
+  c.model.update(dict(
       patch_size=4, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128,
-      classifier="token", representation_size=None))
+      classifier="token"))
 
   c.optim.name = "adamw"
   c.optim.lr = 2e-3

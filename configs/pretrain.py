@@ -47,7 +47,7 @@ def _architecture(variant):
   arch = models.get_config(variant)
   for key in ("num_classes", "image_size"):
     arch.pop(key, None)
-  return ml_collections.ConfigDict(arch)
+  return arch
 
 
 def _check(variant, dataset):
@@ -88,7 +88,7 @@ def get_config(arg=None):
   c.loss = loss
 
   c.model_name = variant
-  c.model = _architecture(variant)
+  c.model.update(_architecture(variant))
   c.model.classifier = "token"
   c.model.representation_size = width
   c.model.dropout_rate = 0.1 if size in ("B", "L") else 0.0

@@ -37,7 +37,7 @@ def _architecture(variant):
   arch = models.get_config(variant)
   for key in ("num_classes", "image_size"):
     arch.pop(key, None)
-  return ml_collections.ConfigDict(arch)
+  return arch
 
 
 def _check(variant, dataset):
@@ -72,7 +72,7 @@ def get_config(arg=None):
   c.total_steps = steps
 
   c.model_name = variant
-  c.model = _architecture(variant)
+  c.model.update(_architecture(variant))
   c.model.classifier = "token"
   c.model.representation_size = config_dict.placeholder(int)
   c.model.dropout_rate = 0.0

@@ -73,9 +73,13 @@ def test_unwritable_workdir(capfd, tmp_path):
   assert "Traceback" not in out
 
 
-def test_missing_workdir(capfd):
+def test_missing_workdir_or_config(capfd, tmp_path):
   rc, out = _run(capfd, *TINY)
   assert rc == 1 and "error: pass --workdir=DIR" in out
+  rc, out = _run(capfd, "--config=configs/absent.py", f"--workdir={tmp_path}")
+  assert rc == 1 and "error: cannot load the config file configs/absent.py" in (
+      out), out
+  assert "Traceback" not in out
 
 
 def test_corrupt_latest_checkpoint_falls_back(capfd, tmp_path):

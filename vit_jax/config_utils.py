@@ -78,9 +78,16 @@ def default_config():
   c.total_steps = config_dict.placeholder(int)
   c.total_epochs = config_dict.placeholder(float)
 
-  # Model: `models.create(model_name, **model)`.
+  # Model: `models.create(model_name, **model)`; configs add the variant's
+  # architecture fields so that any of them can be overridden.
   c.model_name = "B/16"
-  c.model = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      classifier="token", posemb="learn", dropout_rate=0.0,
+      attention_dropout_rate=0.0, stochastic_depth=0.0, scan=False,
+      remat_policy="none",
+      dtype="float32",        # Compute dtype; "bfloat16" for mixed precision.
+      param_dtype="float32",  # Parameters (and optimizer state) stay fp32.
+  ))
 
   # Loss.
   c.loss = "softmax_xent"  # Or "sigmoid_xent".

@@ -55,6 +55,13 @@ def _parse(argv):
     return lines[-1] if lines else str(e)
   if _CONFIG.value is None:
     return "pass --config=configs/<name>.py[:arg]"
+  try:
+    _CONFIG.value.get("seed")  # A file that failed to load raises here.
+  except OSError:
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith(
+        ("--config=", "-config="))), "")
+    return (f"cannot load the config file {path.split(':')[0]}: check the "
+            "--config path (e.g. configs/digits.py)")
   if not _WORKDIR.value:
     return "pass --workdir=DIR (checkpoints, metrics and config go there)"
   return None
