@@ -316,26 +316,26 @@ def test_channel_conversion():
 # Training loader.
 
 
-def test_process_shards_are_disjoint_and_cover_the_epoch():
-  source = _index_source(41)   # one example dropped: 20 per process
-  epochs = {}
-  for process in (0, 1):
-    iterator = iter(_plain_loader(source, 8, process_index=process,
-                                  process_count=2, seed=5))
-    batches = _take(iterator, 10)   # two epochs of 5 batches of 4
-    assert all(b["label"].shape == (4,) and b["label"].dtype == np.int32
-               for b in batches)
-    labels = np.concatenate([b["label"] for b in batches])
-    # The image identifies the example: pixels are 5 * label.
-    pixels = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
-    np.testing.assert_array_equal(
-        pixels, preprocess.normalize((5 * labels).astype(np.uint8)))
-    first, second = labels[:20], labels[20:]
-    assert len(set(first)) == 20 and set(first) == set(second)
-    assert not np.array_equal(first, second)   # reshuffled per epoch
-    epochs[process] = set(first)
-  assert not epochs[0] & epochs[1]
-  assert len(epochs[0] | epochs[1]) == 40
+def test_processes_share_one_global_stream():
+  source = _index_source(40)
+  single = _take(iter(_plain_loader(source, 8, seed=5)), 10)
+  labels = np.concatenate([b["label"] for b in single])
+  # The image identifies the example: pixels are 5 * label.
+  pixels = np.concatenate([b["image"][:, 0, 0, 0] for b in single])
+  np.testing.assert_array_equal(
+      pixels, preprocess.normalize((5 * labels).astype(np.uint8)))
+  first, second = labels[:40], labels[40:]
+  assert set(first) == set(second) == set(range(40))   # whole epochs
+  assert not np.array_equal(first, second)   # reshuffled per epoch
+  per_process = [_take(iter(_plain_loader(source, 8, seed=5, process_index=p,
+                                          process_count=2)), 10)
+                 for p in (0, 1)]
+  for step, batch in enumerate(single):
+    halves = [per_process[p][step]["label"] for p in (0, 1)]
+    assert all(h.shape == (4,) and h.dtype == np.int32 for h in halves)
+    # Process p reads every second position: the union is the global batch.
+    np.testing.assert_array_equal(batch["label"][0::2], halves[0])
+    np.testing.assert_array_equal(batch["label"][1::2], halves[1])
 
 
 def test_loader_is_deterministic_by_seed():

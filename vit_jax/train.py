@@ -15,7 +15,6 @@ import re
 import signal
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,45 +89,16 @@ def _get_source(config, split):
                 f"{msg}") from None
 
 
-class _TrainPreprocess(grain.transforms.RandomMap):
-  """`data.train_image` on one example."""
-
-  def __init__(self, **options):
-    self.options = options
-
-  def random_map(self, element, rng):
-    return {"image": data.train_image(element["image"], rng, **self.options),
-            "label": np.int32(element["label"])}
-
-
 def _train_loader(config, source, image_size):
-  """This process's share of one global stream of training batches.
-
-  The sampler orders the whole training set (reshuffled every epoch) and
-  seeds each example's augmentation by its position in that order; process
-  p of P reads positions p, p + P, p + 2P, .... The examples of global step k
-  are therefore positions [k * B, (k + 1) * B) whatever the number of
-  processes, so runs on different process counts see the same batches.
-  """
+  """This process's share of one global stream of training batches."""
   pp = config.pp
-  process_count, batch_size = jax.process_count(), int(config.batch_size)
-  local = data.local_batch_size(batch_size, process_count)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shuffle=True, seed=int(config.seed),
-      num_epochs=None, shard_options=grain.sharding.NoSharding())
-  preprocess = _TrainPreprocess(
-      image_size=image_size, inception_crop=pp.get("inception_crop", True),
+  return data.train_loader(
+      source, int(config.batch_size), image_size, seed=int(config.seed),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      inception_crop=pp.get("inception_crop", True),
       crop_area=tuple(pp.get("crop_area", (0.05, 1.0))),
-      flip=pp.get("flip", True), num_channels=config.get("num_channels"))
-  return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[preprocess,
-                  grain.transforms.Batch(batch_size=local,
-                                         drop_remainder=True)],
-      worker_count=int(pp.get("worker_count", 0)),
-      shard_options=grain.sharding.ShardOptions(
-          shard_index=jax.process_index(), shard_count=process_count,
-          drop_remainder=True))
+      flip=pp.get("flip", True), num_channels=config.get("num_channels"),
+      worker_count=int(pp.get("worker_count", 0)))
 
 
 def _create_model(config, num_classes, image_size, num_channels, **extra):

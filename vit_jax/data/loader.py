@@ -1,8 +1,14 @@
 """Host-local batches: the grain training loader and padded evaluation batches.
 
-Each process reads only its own shard and produces batches of
+Each process reads only its own share and produces batches of
 `global_batch_size // process_count` examples as numpy arrays; the training
 loop turns them into global arrays.
+
+Training reads one global stream: the sampler orders the whole training set
+(reshuffled every epoch) and process p of P reads positions p, p + P, p + 2P,
+.... With `worker_count=0` the examples of global step k are positions
+[k * B, (k + 1) * B) whatever the number of processes, so runs on different
+process counts see the same global batches.
 
 Training randomness (shuffling, crops, flips) depends only on the seed and
 the global position in the sample stream: grain's `IndexSampler` gives record
@@ -66,8 +72,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
                  shuffle=True, num_epochs=None):
   """Returns a grain `DataLoader` of this process's training batches.
 
-  The source is split into `process_count` contiguous shards of equal size
-  (the remainder is dropped); each epoch is reshuffled within the shard, and
+  This process reads every `process_count`-th position of one global stream
+  over the whole source (see the module doc); each epoch is reshuffled, and
   epochs repeat forever unless `num_epochs` is given. Batches cross epoch
   boundaries.
 
@@ -98,10 +104,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
   if not 0 <= process_index < process_count:
     raise ValueError(
         f"process index {process_index} is not in [0, {process_count})")
-  if len(source) < process_count:
-    raise ValueError(
-        f"source has {len(source)} examples, fewer than the "
-        f"{process_count} processes that each need a shard")
+  if not len(source):
+    raise ValueError("the training source has no examples")
   if worker_count and not flags.FLAGS.is_parsed():
     # Grain's worker processes read absl flags; outside of an absl app (e.g.
     # in a notebook) their defaults are used.
@@ -110,8 +114,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
       shard_index=process_index, shard_count=process_count,
       drop_remainder=True)
   sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=shuffle,
-      num_epochs=num_epochs, seed=_sampler_seed(seed))
+      num_records=len(source), shard_options=grain.sharding.NoSharding(),
+      shuffle=shuffle, num_epochs=num_epochs, seed=_sampler_seed(seed))
   transform = _TrainTransform(
       image_size=preprocess.as_size(image_size),
       inception_crop=inception_crop, crop_area=tuple(crop_area),
