@@ -27,18 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax import config_utils
+from vit_jax import npz
 
 
-def load_npz(path):
-  """Reads a published-layout .npz into our nested parameter tree."""
-  from vit_jax import npz  # pylint: disable=g-import-not-at-top
-  return npz.load_npz(path)
-
-
-def save_npz(path, params):
-  """Writes parameters as a published-layout .npz (flattened `/` keys)."""
-  from vit_jax import npz  # pylint: disable=g-import-not-at-top
-  return npz.save_npz(path, params)
+# Published-layout .npz files and `/`-joined flat trees (see `vit_jax.npz`).
+load_npz = npz.load_npz
+save_npz = npz.save_npz
+flatten = npz.flatten
+unflatten = npz.unflatten
 
 
 def _first_line(e):
@@ -215,30 +211,6 @@ def latest_params(workdir, use_ema=False):
 # Fine-tuning initialisation.
 
 
-def flatten(tree, prefix=""):
-  """Nested dict -> {"a/b/c": array}."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
-def unflatten(flat):
-  """{"a/b/c": array} -> nested dict."""
-  tree = {}
-  for key, v in flat.items():
-    node = tree
-    parts = key.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return tree
-
-
 def _is_stacked(flat):
   return any(k.startswith("Transformer/encoderblock/") for k in flat)
 
@@ -257,14 +229,13 @@ def _read_init(path):
         "to --config.init")
   try:
     return load_npz(path)
-  except ImportError:
-    with np.load(path) as f:  # Plain flattened `/` keys.
-      return unflatten({k: f[k] for k in f.files})
+  except (ValueError, OSError) as e:
+    raise config_utils.Error(
+        f"cannot read init checkpoint {path}: {e}") from None
 
 
 def _match_layout(source, target_flat):
   """Converts the source between stacked and per-block encoder layouts."""
-  from vit_jax import npz  # pylint: disable=g-import-not-at-top
   flat = flatten(source)
   if _is_stacked(target_flat) and _is_unstacked(flat):
     return flatten(npz.stack_blocks(source))
