@@ -42,32 +42,13 @@ DATASETS = {
 }
 
 
-def _architecture(variant):
-  """The variant's fields (overridable: --config.model.hidden_size=...)."""
-  arch = models.get_config(variant)
-  for key in ("num_classes", "image_size"):
-    arch.pop(key, None)
-  return arch
-
-
-def _check(variant, dataset):
-  if variant not in models.VARIANTS:
-    raise config_utils.Error(
-        f"unknown variant {variant!r}: use one of {', '.join(models.VARIANTS)}"
-        " (configs/pretrain.py:<variant>,<dataset>)")
-  if dataset not in DATASETS:
-    raise config_utils.Error(
-        f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)} "
-        "(configs/pretrain.py:<variant>,<dataset>), or pick any with "
-        "--config.dataset")
-
-
 def get_config(arg=None):
   """Pre-training config for `arg` = "<variant>,<dataset>[,runlocal]"."""
   args = config_utils.parse_arg(arg, ("variant", "dataset"))
   variant = args["variant"] or "B/16"
   dataset = args["dataset"] or "imagenet2012"
-  _check(variant, dataset)
+  config_utils.check_variant_and_dataset(
+      variant, dataset, DATASETS, "configs/pretrain.py")
   train_split, eval_split, n_train, epochs, lr, wd, loss = DATASETS[dataset]
   size = variant.split("+")[-1].split("/")[0]  # "R50+B/16" -> "B".
   if lr is None:
@@ -88,7 +69,7 @@ def get_config(arg=None):
   c.loss = loss
 
   c.model_name = variant
-  c.model.update(_architecture(variant))
+  c.model.update(config_utils.architecture(variant))
   c.model.classifier = "token"
   c.model.representation_size = width
   c.model.dropout_rate = 0.1 if size in ("B", "L") else 0.0

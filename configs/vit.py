@@ -32,32 +32,13 @@ DATASETS = {
 }
 
 
-def _architecture(variant):
-  """The variant's fields (overridable: --config.model.hidden_size=...)."""
-  arch = models.get_config(variant)
-  for key in ("num_classes", "image_size"):
-    arch.pop(key, None)
-  return arch
-
-
-def _check(variant, dataset):
-  if variant not in models.VARIANTS:
-    raise config_utils.Error(
-        f"unknown variant {variant!r}: use one of {', '.join(models.VARIANTS)}"
-        " (configs/vit.py:<variant>,<dataset>)")
-  if dataset not in DATASETS:
-    raise config_utils.Error(
-        f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)} "
-        "(configs/vit.py:<variant>,<dataset>), or pick any with "
-        "--config.dataset")
-
-
 def get_config(arg=None):
   """Fine-tuning config for `arg` = "<variant>,<dataset>[,runlocal]"."""
   args = config_utils.parse_arg(arg, ("variant", "dataset"))
   variant = args["variant"] or "B/16"
   dataset = args["dataset"] or "cifar10"
-  _check(variant, dataset)
+  config_utils.check_variant_and_dataset(
+      variant, dataset, DATASETS, "configs/vit.py")
   train_split, eval_split, steps, lr = DATASETS[dataset]
 
   c = config_utils.default_config()
@@ -72,7 +53,7 @@ def get_config(arg=None):
   c.total_steps = steps
 
   c.model_name = variant
-  c.model.update(_architecture(variant))
+  c.model.update(config_utils.architecture(variant))
   c.model.classifier = "token"
   c.model.representation_size = config_dict.placeholder(int)
   c.model.dropout_rate = 0.0

@@ -44,6 +44,32 @@ def parse_arg(arg, names):
   return out
 
 
+def architecture(variant):
+  """A variant's model fields without the data-dependent ones.
+
+  Configs copy them into `config.model` so that each can be overridden on the
+  command line (`--config.model.hidden_size=...`).
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  arch = models.get_config(variant)
+  for key in ("num_classes", "image_size"):
+    arch.pop(key, None)
+  return arch
+
+
+def check_variant_and_dataset(variant, dataset, datasets, config_file):
+  """One-line errors for an unknown variant or dataset preset."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  usage = f"({config_file}:<variant>,<dataset>)"
+  if variant not in models.VARIANTS:
+    raise Error(f"unknown variant {variant!r}: use one of "
+                f"{', '.join(models.VARIANTS)} {usage}")
+  if dataset not in datasets:
+    raise Error(f"unknown dataset {dataset!r}: use one of "
+                f"{', '.join(datasets)} {usage}, or pick any with "
+                "--config.dataset")
+
+
 # Tensor parallelism over the "model" mesh axis: attention heads and MLP
 # hidden units. Specs are for one (unstacked) block; a scanned encoder's
 # leading depth axis is added automatically.
