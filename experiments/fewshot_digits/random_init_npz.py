@@ -15,7 +15,7 @@ from vit_jax import npz
 def main(path):
   model = models.create(
       "testing", num_classes=10, image_size=(16, 16), num_channels=1,
-      patch_size=4, hidden_size=96, num_layers=4, num_heads=4, mlp_dim=192)
+      patch_size=4, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
   params = jax.jit(model.init)({"params": jax.random.PRNGKey(0)},
                                np.zeros((1, 16, 16, 1), np.float32))["params"]
   npz.save_npz(path, jax.device_get(params))
