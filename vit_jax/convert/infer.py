@@ -16,17 +16,9 @@ import numpy as np
 
 from vit_jax import npz
 from vit_jax.models import resnet as resnet_lib
+from vit_jax.models import vit
 
 DEFAULTS = dict(hidden_act="gelu_tanh", layer_norm_eps=1e-6)
-
-
-def _pair(value):
-  if isinstance(value, (int, np.integer)):
-    return (int(value), int(value))
-  value = tuple(int(v) for v in value)
-  if len(value) != 2:
-    raise ValueError(f"expected an int or (height, width), got {value}")
-  return value
 
 
 def _maybe_int(pair):
@@ -51,7 +43,7 @@ def _resnet(flat):
 def _grid(num_positions, image_size, stride, what):
   """Patch grid from the number of grid positions (and the image size if given)."""
   if image_size is not None:
-    h, w = _pair(image_size)
+    h, w = vit.pair(image_size, "image_size")
     if h % stride[0] or w % stride[1]:
       raise ValueError(f"image size {(h, w)} is not divisible by patch size "
                        f"{_maybe_int(stride)}")
