@@ -47,28 +47,29 @@ def get_config(arg=None):
   c.label_smoothing = 0.1
 
   c.log_steps = 100
-  c.eval_steps = 400
+  c.evals.eval.every = 400
   c.checkpoint_steps = 400
   c.max_to_keep = 2
 
-  # Few-shot linear evaluation of the frozen representation (train -> test).
-  c.fewshot = ml_collections.ConfigDict(dict(
+  # Few-shot linear evaluation of the frozen representation (train -> test),
+  # at the end of training.
+  c.evals.fewshot = ml_collections.ConfigDict(dict(
+      type="fewshot", every=0,
       datasets=(("digits", "digits", "train", "test"),),
       shots=(1, 5, 10),
       seeds=(0, 1, 2),
       representation="pre_logits",
       batch_size=360,
-      log_steps=0,  # Only at the end.
   ))
 
   if args["runlocal"]:
     c.total_steps = 20
     c.log_steps = 5
-    c.eval_steps = 10
+    c.evals.eval.every = 10
     c.checkpoint_steps = 10
     c.model.num_layers = 1
     c.pp.worker_count = 0
     c.optim.warmup_steps = 2
-    c.fewshot.shots = (1, 5)
-    c.fewshot.seeds = (0,)
+    c.evals.fewshot.shots = (1, 5)
+    c.evals.fewshot.seeds = (0,)
   return c

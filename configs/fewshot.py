@@ -24,6 +24,7 @@ Every field can be overridden, e.g. `--config.shots="(1, 5)"`,
 import ml_collections
 
 from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax.evaluators import fewshot
 
 # name -> (tfds name, few-shot pool split, evaluation split)
@@ -50,7 +51,7 @@ def get_config(arg=None):
   args = config_utils.parse_arg(arg, ("preset", "representation"))
   preset = args["preset"] or "digits"
   if preset not in PRESETS:
-    raise config_utils.Error(
+    raise errors.Error(
         f"unknown few-shot preset {preset!r}: use one of {sorted(PRESETS)}")
   c = fewshot.default_config()
   c.datasets = PRESETS[preset]

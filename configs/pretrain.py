@@ -20,7 +20,6 @@ Per-dataset values follow the paper's Table 3:
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from vit_jax import config_utils
 from vit_jax import models
@@ -84,23 +83,11 @@ def get_config(arg=None):
   c.optim.clip_norm = 1.0
 
   c.log_steps = 100
-  c.eval_steps = 5000
+  c.evals.eval.every = 5000
   c.checkpoint_steps = 2000
   c.max_to_keep = 2
 
   if args["runlocal"]:
-    stride = models.create(variant, num_classes=1).encoder_stride[0]
-    c.image_size = (2 * stride, 2 * stride)
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.total_epochs = None
-    c.total_steps = 5
-    c.optim.warmup_steps = 1
-    c.log_steps = 1
-    c.eval_steps = 5
-    c.checkpoint_steps = 5
-    c.train_split = "train[:64]"
-    c.eval_split = f"{eval_split}[:16]"
-    c.model.num_layers = 1
+    config_utils.shrink_to_runlocal(c, variant, eval_split)
     c.model.representation_size = 16
   return c

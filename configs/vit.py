@@ -17,10 +17,8 @@ batches, a few steps); the dataset must still be prepared with tfds.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from vit_jax import config_utils
-from vit_jax import models
 
 # dataset: (train split, eval split, total steps, learning rate)
 DATASETS = {
@@ -55,7 +53,7 @@ def get_config(arg=None):
   c.model_name = variant
   c.model.update(config_utils.architecture(variant))
   c.model.classifier = "token"
-  c.model.representation_size = config_dict.placeholder(int)
+  c.model.representation_size = None
   c.model.dropout_rate = 0.0
 
   c.optim.name = "sgd"
@@ -70,21 +68,10 @@ def get_config(arg=None):
   c.resample_posemb = True   # 224 -> 384: positions resampled (zoom).
 
   c.log_steps = 50
-  c.eval_steps = 1000 if steps > 1000 else 100
+  c.evals.eval.every = 1000 if steps > 1000 else 100
   c.checkpoint_steps = 1000 if steps > 1000 else 100
   c.max_to_keep = 2
 
   if args["runlocal"]:
-    stride = models.create(variant, num_classes=1).encoder_stride[0]
-    c.image_size = (2 * stride, 2 * stride)
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.total_steps = 5
-    c.optim.warmup_steps = 1
-    c.log_steps = 1
-    c.eval_steps = 5
-    c.checkpoint_steps = 5
-    c.train_split = "train[:64]"
-    c.eval_split = f"{eval_split}[:16]"
-    c.model.num_layers = 1
+    config_utils.shrink_to_runlocal(c, variant, eval_split)
   return c

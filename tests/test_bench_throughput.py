@@ -1,32 +1,80 @@
-"""`python -m vit_jax.bench --throughput` at a tiny size, peers included."""
+"""`python -m vit_jax.bench throughput` at a tiny size, peers included."""
 
 import json
 
-from vit_jax import bench
+import pytest
+
+from vit_jax.bench import __main__ as bench
+from vit_jax.bench import throughput
+from vit_jax.convert import hf as hf_lib
+from vit_jax.convert import timm as timm_lib
 
 
-def test_throughput_reports_rates_flops_and_peers(tmp_path, capsys):
-  path = tmp_path / "bench.json"
+def test_throughput_reports_rates_flops_and_peers(capsys):
   status = bench.main([
-      "bench", "--throughput", "--throughput_model=testing",
-      "--throughput_batch=8", "--throughput_image_size=32",
-      "--throughput_steps=1", "--repeats=1", "--throughput_peers",
-      "--peak_tflops=1", f"--json={path}"])
+      "bench", "throughput", "--model=testing", "--batch=8",
+      "--image_size=32", "--steps=1", "--repeats=1", "--peers",
+      "--peak_tflops=1", "--json"])
   assert status == 0
-  result = json.loads(path.read_text())["throughput"]
+  out = capsys.readouterr().out
+  result = json.loads(out)  # --json: the whole of stdout is one JSON object.
+  assert result["setup"]["model"] == "testing"
+  assert result["setup"]["devices"] == 8
   rates = result["images_per_second"]
   assert set(rates) == {"vit_jax inference", "vit_jax train step",
                         "timm inference (cpu)", "transformers inference (cpu)"}
   assert all(rate > 0 for rate in rates.values())
+  assert result["peers_skipped"] == {}
   flops = result["gflops_per_image"]
   # A training step costs about three forward passes.
   assert 2 * flops["inference"] < flops["train step"] < 5 * flops["inference"]
   assert 0 < result["mfu"]["inference"] < 1
-  assert "img/s" in capsys.readouterr().out
 
 
-def test_throughput_rejects_batch_not_divisible_by_devices(capsys):
-  status = bench.main(["bench", "--throughput", "--throughput_model=testing",
-                       "--throughput_batch=7"])
-  assert status == 1
-  assert "not divisible by the 8 local devices" in capsys.readouterr().err
+def test_throughput_table_without_json(capsys):
+  assert bench.main(["bench", "throughput", "--model=testing", "--batch=8",
+                     "--image_size=16", "--steps=1", "--repeats=1"]) == 0
+  out = capsys.readouterr().out
+  assert "img/s" in out and "vit_jax train step" in out
+  assert "MFU" not in out  # No known peak on CPU.
+
+
+def test_peers_are_the_converters_models():
+  cfg = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=40,
+             patch_size=8, image_size=32, num_classes=10, hidden_act="gelu")
+  nets, skipped = throughput.peer_models(cfg)
+  assert not skipped
+  timm_net, hf_net = nets["timm"], nets["transformers"]
+  kw = timm_lib.kwargs(cfg)
+  assert len(timm_net.blocks) == kw["depth"] == 2
+  assert timm_net.blocks[0].mlp.fc1.out_features == 40
+  assert timm_net.head.out_features == 10
+  hf_cfg = hf_net.config
+  assert type(hf_net).__name__ == hf_lib.CLASSIFICATION
+  assert hf_cfg.hidden_act == "gelu"  # Follows our field, as the export does.
+  assert hf_cfg.layer_norm_eps == 1e-6
+  assert (hf_cfg.intermediate_size, hf_cfg.num_labels) == (40, 10)
+
+
+def test_peers_that_cannot_express_the_model_are_skipped():
+  cfg = dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+             patch_size=8, image_size=32, num_classes=10, classifier="gap")
+  nets, skipped = throughput.peer_models(cfg)
+  assert set(nets) == {"timm"}
+  assert "gap pooling cannot be expressed" in skipped["transformers"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=Z/99"], "unknown model variant 'Z/99'"),
+    (["--model=testing", "--batch=0"], "--batch"),
+    (["--model=testing", "--batch=7"], "not divisible by the 8 local devices"),
+    (["--modle=testing"], "modle"),
+    (["--model=testing", "extra"], "unexpected argument"),
+])
+def test_throughput_bad_input_is_one_error_line(args, message, capsys):
+  assert bench.main(["bench", "throughput"] + args) == 1
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ")
+  assert message in lines[0]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax import main
 from vit_jax import models
 from vit_jax import npz
@@ -83,12 +83,12 @@ def test_load_init_options(pretrained_npz):
                              (4, 4), log=print)
   np.testing.assert_array_equal(out["cls"], target["cls"])
   # Without resample_posemb the grid change is an error with the fix.
-  with pytest.raises(config_utils.Error, match=r"checkpoint has 17 positions"
+  with pytest.raises(errors.Error, match=r"checkpoint has 17 positions"
                      r", model expects 65: pass --config.resample_posemb"):
     checkpoint.load_init(_init(32, 3), _cfg(path, resample_posemb=False),
                          (8, 8), log=print)
   # Another width: the mismatches are listed.
-  with pytest.raises(config_utils.Error, match="do not fit the model"):
+  with pytest.raises(errors.Error, match="do not fit the model"):
     checkpoint.load_init(_init(16, 10, hidden_size=32, mlp_dim=64), _cfg(path),
                          (4, 4), log=print)
   # A scanned model loads per-block checkpoints (stacked on the fly).
@@ -98,6 +98,55 @@ def test_load_init_options(pretrained_npz):
   np.testing.assert_array_equal(
       stacked["kernel"][1], pre["Transformer"]["encoderblock_1"]["MlpBlock_3"]
       ["Dense_0"]["kernel"])
+
+
+def test_load_init_from_simmim_checkpoint(tmp_path):
+  """SimMIM -> classification: decoder and mask token dropped, encoder kept."""
+  mim = _init(16, 0, decoder=True)
+  rng = np.random.default_rng(0)
+  mim = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), mim)
+  flat_mim = checkpoint.flatten(mim)
+  assert {"mask_token", "decoder/kernel", "decoder/bias"} <= set(flat_mim)
+  assert flat_mim["decoder/kernel"].shape == (1, 1, 16, 4 * 4 * 3)
+  assert not any(k.startswith("head/") for k in flat_mim)
+  path = str(tmp_path / "simmim.npz")
+  npz.save_npz(path, mim)
+
+  target = _init(16, 10)
+  logs, report = [], {}
+  out = checkpoint.load_init(target, _cfg(path), (4, 4), log=logs.append,
+                             report=report)
+  assert set(report["mim_dropped"]) == {"decoder/kernel", "decoder/bias",
+                                        "mask_token"}
+  assert report["ignored"] == [] and report["kept"] == []
+  assert ("init: dropped the masked-image-modeling decoder and mask token "
+          "(decoder/bias, decoder/kernel, mask_token)") in logs
+  assert not any("ignored" in line for line in logs), logs
+  flat = checkpoint.flatten(out)
+  assert set(flat) == set(checkpoint.flatten(target))
+  encoder = [k for k in flat if not k.startswith("head/")]
+  assert len(encoder) == len(flat_mim) - 3
+  for k in encoder:  # embedding, cls, posembed, every block, encoder_norm
+    assert flat[k].dtype == flat_mim[k].dtype, k
+    np.testing.assert_array_equal(flat[k], flat_mim[k], err_msg=k)
+  assert flat["head/kernel"].shape == (16, 10)
+  assert not flat["head/kernel"].any() and not flat["head/bias"].any()
+
+
+def test_split_unused():
+  target = ["cls", "embedding/kernel", "head/kernel"]
+  assert checkpoint.split_unused(
+      ["cls", "embedding/kernel", "mask_token", "decoder/kernel",
+       "decoder/bias", "pre_logits/kernel"], target) == (
+           ["decoder/bias", "decoder/kernel", "mask_token"],
+           ["pre_logits/kernel"])
+  # A model that has them (another MIM run) does not drop them.
+  assert checkpoint.split_unused(
+      ["mask_token", "decoder/kernel"], target + ["mask_token",
+                                                  "decoder/kernel"]) == ([], [])
+  assert checkpoint.split_unused(
+      ["mask_token", "decoder/extra"], target + ["decoder/kernel"]) == (
+          ["mask_token"], ["decoder/extra"])
 
 
 def test_finetune_from_npz_through_main(pretrained_npz, tmp_path, capfd,

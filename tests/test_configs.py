@@ -6,6 +6,7 @@ import os
 import pytest
 
 from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +31,9 @@ def test_every_variant_and_dataset(name):
       stride = models.create(variant, num_classes=1).encoder_stride[0]
       assert local.image_size[0] % stride == 0
       assert local.batch_size <= 16 and local.total_steps <= 10
-  with pytest.raises(config_utils.Error, match="unknown variant 'Z/1'"):
+  with pytest.raises(errors.Error, match="unknown variant 'Z/1'"):
     module.get_config("Z/1,cifar10")
-  with pytest.raises(config_utils.Error, match="unknown dataset 'nope'"):
+  with pytest.raises(errors.Error, match="unknown dataset 'nope'"):
     module.get_config("B/16,nope")
 
 
@@ -54,13 +55,13 @@ def test_paper_recipes():
 def test_digits_config_and_steps_from_epochs():
   c = _module("digits").get_config()
   assert c.dataset == "digits" and not c.pp.flip
-  assert c.fewshot.datasets[0][2:] == ("train", "test")
+  assert c.evals.fewshot.datasets[0][2:] == ("train", "test")
   assert _module("digits").get_config("runlocal").total_steps < c.total_steps
   c.total_steps = None
   c.total_epochs = 2.0
   assert config_utils.resolve_steps(c, 1437) == -(-2 * 1437 // c.batch_size)
   c.total_epochs = None
-  with pytest.raises(config_utils.Error, match="total_steps or"):
+  with pytest.raises(errors.Error, match="total_steps or"):
     config_utils.resolve_steps(c, 1437)
 
 
@@ -70,3 +71,92 @@ def test_resolved_config_round_trip(tmp_path):
   back = config_utils.load_config(str(tmp_path))
   assert back.image_size == c.image_size and back.resolved.x == 1
   assert back.mesh == c.mesh
+
+
+# A non-default value for every VisionTransformer field: the command-line
+# text and the value the model must get. A new field without an entry here
+# fails `test_every_model_field_is_a_config_field`.
+FIELD_VALUES = {
+    "num_classes": ("7", 7),
+    "patch_size": ("(4,8)", (4, 8)),
+    "hidden_size": ("32", 32),
+    "num_layers": ("3", 3),
+    "num_heads": ("8", 8),
+    "mlp_dim": ("48", 48),
+    "image_size": ("(16,32)", (16, 32)),
+    "num_channels": ("3", 3),
+    "classifier": ("gap", "gap"),
+    "posemb": ("sincos2d", "sincos2d"),
+    "representation_size": ("24", 24),
+    "dropout_rate": ("0.1", 0.1),
+    "attention_dropout_rate": ("0.2", 0.2),
+    "stochastic_depth": ("0.3", 0.3),
+    "qkv_bias": ("False", False),
+    "qk_scale": ("0.25", 0.25),
+    "hidden_act": ("gelu", "gelu"),
+    "layer_norm_eps": ("1e-12", 1e-12),
+    "head_bias_init": ("-2.5", -2.5),
+    "scan": ("True", True),
+    "remat_policy": ("nothing_saveable", "nothing_saveable"),
+    "dtype": ("bfloat16", "bfloat16"),
+    "param_dtype": ("bfloat16", "bfloat16"),
+    "use_mask_token": ("True", True),
+    "decoder": ("True", True),
+    "resnet": ("{'num_layers':(2,2),'width_factor':2}",
+               {"num_layers": (2, 2), "width_factor": 2}),
+}
+
+
+@pytest.mark.parametrize("field", models.FIELDS)
+def test_every_model_field_is_a_config_field(field, tmp_path, monkeypatch):
+  from vit_jax import main  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(ROOT)
+  text, want = FIELD_VALUES[field]
+  prefix = "" if field in config_utils.DATA_FIELDS else "model."
+  assert (field in config_utils.DATA_FIELDS) != (
+      field in config_utils.model_config())
+  message = main._parse([  # pylint: disable=protected-access
+      "main", "--config=configs/digits.py", f"--workdir={tmp_path}",
+      f"--config.{prefix}{field}={text}"])
+  assert message is None, message
+  config = main._CONFIG.value  # pylint: disable=protected-access
+  if field == "image_size":
+    assert train._image_size(config) == want  # pylint: disable=protected-access
+    return
+  if field == "num_channels":
+    assert config.num_channels == want
+    return
+  kwargs = config_utils.model_kwargs(config)
+  model = models.create(config.model_name, **kwargs)
+  got = getattr(model, field)
+  if field == "resnet":
+    got = dict(got)
+  assert got == want
+  # Everything else keeps the config's value.
+  assert model.hidden_size == (32 if field == "hidden_size" else 64)
+
+
+def test_image_size_given_as_an_int(tmp_path, monkeypatch):
+  from vit_jax import main  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(ROOT)
+  assert main._parse([  # pylint: disable=protected-access
+      "main", "--config=configs/digits.py", f"--workdir={tmp_path}",
+      "--config.image_size=24"]) is None
+  assert train._image_size(main._CONFIG.value) == (24, 24)  # pylint: disable=protected-access
+
+
+def test_simmim_config():
+  module = _module("simmim")
+  for variant in ("B/16", "S/16"):
+    c = module.get_config(f"{variant},imagenet2012")
+    assert c.task == "simmim" and c.simmim.mask_ratio == 0.6
+    assert c.simmim.mask_unit == 32 and c.optim.weight_decay == 0.05
+    assert c.optim.lr == pytest.approx(1e-4 * c.batch_size / 512)
+  digits = module.get_config("digits")
+  assert digits.model.hidden_size == _module("digits").get_config(
+  ).model.hidden_size
+  assert module.get_config("digits,runlocal").total_steps < digits.total_steps
+  with pytest.raises(errors.Error, match="unknown variant"):
+    module.get_config("Q/3,imagenet2012")

@@ -15,6 +15,7 @@ import torch  # pylint: disable=unused-import
 import transformers
 
 from vit_jax import npz
+from vit_jax import sizes
 from vit_jax.convert import cli
 from vit_jax.convert import core
 from vit_jax.convert import hf
@@ -55,7 +56,7 @@ TIMM_CASES = {
 def make_params(cfg, seed=0):
   """Random values (not the zero inits) for every parameter of the model."""
   model = core.create(cfg)
-  h, w = core.pair(cfg["image_size"])
+  h, w = sizes.pair(cfg["image_size"])
   shapes = jax.eval_shape(lambda: model.init(
       {"params": jax.random.PRNGKey(0)},
       np.zeros((1, h, w, cfg["num_channels"]), np.float32)))["params"]
@@ -97,7 +98,7 @@ def test_hf_round_trip(tmp_path, name):
               "qkv_bias", "hidden_act", "layer_norm_eps", "representation_size",
               "decoder"):
     assert back_cfg[key] == cfg[key], key
-  assert core.pair(back_cfg["image_size"]) == core.pair(cfg["image_size"])
+  assert sizes.pair(back_cfg["image_size"]) == sizes.pair(cfg["image_size"])
   dropped = set()
   if arch == hf.MODEL and "head" in params:
     dropped = {"head/kernel", "head/bias"}

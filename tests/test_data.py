@@ -88,6 +88,32 @@ def test_digits_unknown_split():
     data.get_source("digits", "validation")
 
 
+def test_digits_value_is_digits_with_float_labels():
+  for split in ("train", "test"):
+    digits = data.get_source("digits", split)
+    values = data.get_source("digits_value", split)
+    assert len(values) == len(digits)
+    assert values.num_classes is None and values.class_names is None
+    assert values.num_channels == 1
+    assert values.label_dtype == np.float32
+    assert data.label_dtype(values) == np.float32
+    assert data.label_dtype(digits) == np.int32
+    np.testing.assert_array_equal(values.images, digits.images)
+    assert values.labels.dtype == np.float32
+    np.testing.assert_array_equal(values.labels,
+                                  digits.labels.astype(np.float32))
+    example = values[3]
+    assert isinstance(example["label"], float)
+    assert example["label"] == float(digits[3]["label"])
+    np.testing.assert_array_equal(example["image"], digits[3]["image"])
+  assert set(values.labels.tolist()) == {float(v) for v in range(10)}
+  with pytest.raises(ValueError, match='dataset "digits_value": unknown '
+                     "split 'val'"):
+    data.get_source("digits_value", "val")
+  with pytest.raises(ValueError, match="digits_value takes no options"):
+    data.get_source("digits_value", "train", num_channels=3)
+
+
 # tfds.
 
 
@@ -230,6 +256,180 @@ def test_folder_layout_errors(tmp_path):
   (tmp_path / "ok" / "train" / "empty_class" / "notes.txt").write_text("x")
   with pytest.raises(ValueError, match=r"without .* images .*\['empty_class'\]"):
     data.get_source("folder:" + root, "train")
+
+
+# Image folders with float labels (labels.csv).
+
+
+def _write_png(path, value, size=(4, 6)):
+  """A constant grayscale PNG of pixel `value`."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  PIL.Image.fromarray(np.full(size, value, np.uint8), "L").save(path)
+
+
+def _labels_csv_folder(root, rows, split="train", header="filename,label",
+                       write=None):
+  """Writes `root/<split>/labels.csv` with `rows` of (filename, label text).
+
+  Every filename in `write` (default: all of them) gets a PNG whose pixels
+  are 10 * its row index.
+  """
+  split_dir = os.path.join(root, split)
+  os.makedirs(split_dir, exist_ok=True)
+  names = [name for name, _ in rows] if write is None else write
+  for i, (name, _) in enumerate(rows):
+    if name in names:
+      _write_png(os.path.join(split_dir, name), 10 * i)
+  with open(os.path.join(split_dir, "labels.csv"), "w") as f:
+    f.write(header + "\n")
+    for name, label in rows:
+      f.write(f"{name},{label}\n")
+  return str(root)
+
+
+_CSV_ROWS = [("b.png", "0.5"), ("sub/a.png", "-1.25"), ("sub/deep/c.png", "3"),
+             ("d.png", "1e-3"), ("e.png", " 7.75 ")]
+_CSV_VALUES = np.array([0.5, -1.25, 3.0, 1e-3, 7.75], np.float32)
+
+
+def test_labels_csv_folder_source(tmp_path):
+  root = _labels_csv_folder(tmp_path, _CSV_ROWS)
+  source = data.get_source("folder:" + root, "train")
+  assert len(source) == 5
+  assert source.num_classes is None and source.class_names is None
+  assert source.label_dtype == np.float32 and source.num_channels == 1
+  # CSV order, subfolders allowed.
+  assert source.files == [os.path.join(root, "train", name)
+                          for name, _ in _CSV_ROWS]
+  for i in range(len(source)):
+    example = source[i]
+    assert isinstance(example["label"], float)
+    assert np.float32(example["label"]) == _CSV_VALUES[i]
+    np.testing.assert_array_equal(example["image"],
+                                  np.full((4, 6, 1), 10 * i, np.uint8))
+  with pytest.raises(ValueError, match="class_names do not apply"):
+    data.get_source("folder:" + root, "train", class_names=["a"])
+
+
+def test_labels_csv_folder_through_loaders(tmp_path):
+  root = _labels_csv_folder(tmp_path, _CSV_ROWS)
+  source = data.get_source("folder:" + root, "train")
+  # Without augmentation or shuffling the batches are the CSV in order.
+  batch = next(iter(_plain_loader(source, 5, shuffle=False)))
+  assert batch["label"].dtype == np.float32
+  np.testing.assert_array_equal(batch["label"], _CSV_VALUES)
+  np.testing.assert_array_equal(
+      batch["image"][:, 0, 0, 0],
+      preprocess.normalize(10 * np.arange(5, dtype=np.uint8)))
+  # With augmentation, over several epochs: every label is a CSV value.
+  loader = data.train_loader(source, 4, image_size=(3, 3), seed=1)
+  for batch in _take(iter(loader), 5):
+    assert batch["label"].dtype == np.float32
+    assert set(batch["label"].tolist()) <= set(_CSV_VALUES.tolist())
+  batches = list(data.eval_batches(source, 4, (4, 6)))
+  assert len(batches) == 2
+  labels = np.concatenate([b["label"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert labels.dtype == np.float32
+  np.testing.assert_array_equal(labels[mask], _CSV_VALUES)
+  np.testing.assert_array_equal(labels[~mask], np.zeros(3, np.float32))
+
+
+def test_labels_csv_is_per_split(tmp_path):
+  # A split with labels.csv has float labels; one without keeps classes.
+  root = folder_fixture.make_image_folder(tmp_path, splits={"test": 1})
+  _labels_csv_folder(tmp_path, _CSV_ROWS)
+  assert data.get_source("folder:" + root, "train").label_dtype == np.float32
+  classes = data.get_source("folder:" + root, "test")
+  assert classes.label_dtype == np.int32 and classes.num_classes == 3
+
+
+@pytest.mark.parametrize("rows, header, write, error, match", [
+    ([("a.png", "1"), ("b.png", "2")], "filename,label", ["a.png"],
+     FileNotFoundError, r"labels.csv line 3: image 'b.png' does not exist"),
+    ([("a.png", "1"), ("b.png", "two")], "filename,label", None,
+     ValueError, r"labels.csv line 3: label 'two' of 'b.png' is not a finite "
+     "float"),
+    ([("a.png", "nan")], "filename,label", None,
+     ValueError, r"labels.csv line 2: label 'nan'"),
+    ([("a.png", "1")], "filename,target", None,
+     ValueError, r"labels.csv line 1: .* lacks the column\(s\) \['label'\]"),
+    ([("a.png", "1")], "label", None,
+     ValueError, r"lacks the column\(s\) \['filename'\]"),
+    ([], "filename,label", None, ValueError, "lists no images"),
+], ids=["missing_file", "not_a_float", "nan", "no_label_column",
+        "no_filename_column", "empty"])
+def test_labels_csv_errors(tmp_path, rows, header, write, error, match):
+  root = _labels_csv_folder(tmp_path, rows, header=header, write=write)
+  with pytest.raises(error, match=match) as raised:
+    data.get_source("folder:" + root, "train")
+  assert os.path.join(root, "train", "labels.csv") in str(raised.value)
+
+
+def test_labels_csv_short_row(tmp_path):
+  root = _labels_csv_folder(tmp_path, [("a.png", "1")])
+  with open(os.path.join(root, "train", "labels.csv"), "a") as f:
+    f.write("\nb.png\n")    # a blank line is skipped, a short row is not
+  with pytest.raises(ValueError, match=r"labels.csv line 4: expected the "
+                     r"columns \['filename', 'label'\], got \['b.png'\]"):
+    data.get_source("folder:" + root, "train")
+
+
+# Label dtypes.
+
+
+def test_integer_labels_stay_int32(tmp_path):
+  root = folder_fixture.make_image_folder(tmp_path, splits={"train": 2},
+                                          image_size=(4, 4))
+  float_indices = data.ArraySource(np.zeros((4, 2, 2, 1), np.uint8),
+                                   np.array([0.0, 1.0, 2.0, 1.0]),
+                                   num_classes=3, label_dtype=np.int32)
+  for source in (_index_source(8), data.get_source("digits", "test"),
+                 data.get_source("folder:" + root, "train"), float_indices):
+    assert data.label_dtype(source) == np.int32
+    assert isinstance(source[0]["label"], int)
+    batch = next(iter(_plain_loader(source, 4)))
+    assert batch["label"].dtype == np.int32
+    batch = next(data.eval_batches(source, 4, (2, 2)))
+    assert batch["label"].dtype == np.int32
+  np.testing.assert_array_equal(float_indices.labels, [0, 1, 2, 1])
+
+
+def test_array_source_float_labels():
+  images = np.zeros((3, 2, 2, 1), np.uint8)
+  source = data.ArraySource(images, np.array([0.25, -2.0, 4.5]), name="f")
+  assert source.num_classes is None
+  assert source.label_dtype == np.float32 and source.labels.dtype == np.float32
+  assert source[0]["label"] == 0.25
+  batch = next(data.eval_batches(source, 4, (2, 2)))
+  assert batch["label"].dtype == np.float32
+  np.testing.assert_array_equal(batch["label"], [0.25, -2.0, 4.5, 0.0])
+  # Float-typed values read as float unless label_dtype says otherwise.
+  assert data.ArraySource(images, [1.0, 2.0, 3.0], 0).label_dtype == np.float32
+
+
+def test_label_dtype_of_a_source_without_the_attribute():
+  image = np.zeros((2, 2, 1), np.uint8)
+  floats = [{"image": image, "label": v} for v in (0.5, 1.5, 2.5, 3.5)]
+  ints = [{"image": image, "label": v} for v in (0, 1, 2, 3)]
+  assert data.label_dtype(floats) == np.float32
+  assert data.label_dtype(ints) == np.int32
+  batch = next(data.eval_batches(floats, 4, (2, 2)))
+  assert batch["label"].dtype == np.float32
+  np.testing.assert_array_equal(batch["label"], [0.5, 1.5, 2.5, 3.5])
+  batch = next(data.eval_batches(ints, 4, (2, 2)))
+  assert batch["label"].dtype == np.int32
+
+
+def test_digits_value_loaders_give_float32():
+  source = data.get_source("digits_value", "test")
+  batch = next(iter(data.train_loader(source, 8, image_size=(8, 8))))
+  assert batch["label"].dtype == np.float32
+  assert set(batch["label"].tolist()) <= {float(v) for v in range(10)}
+  batches = list(data.eval_batches(source, 64, (8, 8)))
+  labels = np.concatenate([b["label"] for b in batches])[:360]
+  assert labels.dtype == np.float32
+  np.testing.assert_array_equal(labels, source.labels)
 
 
 # Preprocessing.
@@ -429,3 +629,21 @@ def test_eval_batches_preserve_pixels():
   assert mask.sum() == 360 and not mask[360:].any()
   np.testing.assert_array_equal(images[:360],
                                 preprocess.normalize(source.images))
+
+
+def test_digits_split_slices():
+  train = data.get_source("digits", "train")
+  tenth = data.get_source("digits", "train[:10%]")
+  assert len(tenth) == 144  # round(1437 / 10)
+  np.testing.assert_array_equal(tenth.images, train.images[:144])
+  np.testing.assert_array_equal(tenth.labels, train.labels[:144])
+  assert set(tenth.labels.tolist()) == set(range(10))
+  rest = data.get_source("digits", "train[10%:]")
+  assert len(rest) + len(tenth) == len(train)
+  np.testing.assert_array_equal(
+      data.get_source("digits", "test[-50:]").labels,
+      data.get_source("digits", "test").labels[-50:])
+  with pytest.raises(ValueError, match="is empty"):
+    data.get_source("digits", "train[5:5]")
+  with pytest.raises(ValueError, match="unknown split 'train\\[:x\\]'"):
+    data.get_source("digits", "train[:x]")

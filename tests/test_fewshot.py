@@ -12,6 +12,7 @@ from sklearn import linear_model
 from vit_jax import data
 from vit_jax import models
 from vit_jax import sharding
+from vit_jax.evaluators import common
 from vit_jax.evaluators import fewshot
 from vit_jax.evaluators import ridge
 
@@ -41,6 +42,16 @@ def _config(**kw):
   return c
 
 
+def _evaluator(model, mesh, cfg):
+  predict_fn = None if model is None else (
+      lambda p, x, **kw: model.apply({"params": p}, x, train=False, **kw))
+  return fewshot.Evaluator(predict_fn, mesh, **cfg.to_dict())
+
+
+def _evaluator_from(cfg, model, mesh):
+  return _evaluator(model, mesh, cfg)
+
+
 def test_sample_is_nested_balanced_and_seeded():
   labels = np.array([0] * 7 + [1] * 3 + [2] * 10)
   np.random.default_rng(0).shuffle(labels)
@@ -62,7 +73,7 @@ def test_sample_is_nested_balanced_and_seeded():
 
 def test_features_equal_unsharded_model(mesh, model_and_params):
   model, params = model_and_params
-  ev = fewshot.FewShotEvaluator(model, mesh, _config(image_size=IMAGE))
+  ev = _evaluator(model, mesh, _config(image_size=IMAGE))
   src = data.get_source("digits", "test")
   x, labels = ev.features(ev._place(params), src)  # 360 = 5 * 64 + 40 padded
   batch = next(iter(data.eval_batches(src, len(src), IMAGE)))
@@ -74,7 +85,7 @@ def test_features_equal_unsharded_model(mesh, model_and_params):
 
 
 def test_pixel_report_matches_sklearn_and_metrics(mesh):
-  ev = fewshot.FewShotEvaluator(None, mesh, _config(representation="pixels"))
+  ev = _evaluator(None, mesh, _config(representation="pixels"))
   report = ev.report(None)
   train = data.get_source("digits", "train")
   test = data.get_source("digits", "test")
@@ -99,15 +110,15 @@ def test_pixel_report_matches_sklearn_and_metrics(mesh):
         pred = linear_model.Ridge(alpha=l2, fit_intercept=False).fit(
             xd, 2.0 * np.eye(10)[ys] - 1.0).predict(xt).argmax(-1)
         assert abs(np.mean(pred == y_test) - acc) <= 1.5 / len(y_test)
-  m = fewshot.metrics(report)
+  m = fewshot.metrics(report, prefix="fewshot/")
   assert m["fewshot/digits/5shot"] == report["digits"]["5"]["mean"]
   assert m["fewshot/digits/5shot_fixed_l2"] == report["digits"]["5"][
       "fixed_l2_mean"]
   assert report["digits"]["5"]["mean"] > report["digits"]["1"]["mean"]
 
   # A source without `labels` (features of the whole split) gives the same.
-  ev2 = fewshot.FewShotEvaluator(None, mesh, _config(representation="pixels"))
-  ev2.datasets = [("digits", fewshot._Subset(train, np.arange(len(train))),
+  ev2 = _evaluator(None, mesh, _config(representation="pixels"))
+  ev2.datasets = [("digits", common.Subset(train, np.arange(len(train))),
                    test)]
   assert ev2.report(None) == report
 
@@ -128,7 +139,7 @@ def test_short_classes_are_reported(mesh, tmp_path):
   logs = []
   cfg = _config(representation="pixels", shots=(1, 3), batch_size=8,
                 datasets=(("tiny", f"folder:{tmp_path}", "train", "test"),))
-  ev = fewshot.from_config(cfg, None, mesh)
+  ev = _evaluator_from(cfg, None, mesh)
   ev.log = logs.append
   report = ev.report(None)
   assert report["tiny"]["1"]["short_classes"] == {}
@@ -141,17 +152,21 @@ def test_short_classes_are_reported(mesh, tmp_path):
 
 def test_config_errors(mesh):
   with pytest.raises(ValueError, match="not divisible"):
-    fewshot.from_config(_config(batch_size=12), None, mesh)
+    _evaluator_from(_config(batch_size=12), None, mesh)
   with pytest.raises(ValueError, match="must be \\(name, source"):
-    fewshot.from_config(_config(datasets=(("digits", "train", "test"),)),
-                        None, mesh)
+    _evaluator_from(_config(datasets=(("digits", "train", "test"),),
+                            representation="pixels"), None, mesh)
+  with pytest.raises(ValueError, match="needs a model and its image_size"):
+    _evaluator_from(_config(), None, mesh)
+  with pytest.raises(ValueError, match="unknown few-shot field"):
+    fewshot.resolve_config(dict(shotz=(1,)))
   cfg = fewshot.resolve_config(ml_collections.ConfigDict(dict(num_seeds=3)))
   assert tuple(cfg.seeds) == (0, 1, 2)
 
 
 def test_unknown_representation(mesh, model_and_params):
   model, params = model_and_params
-  ev = fewshot.from_config(_config(representation="nope", image_size=IMAGE),
+  ev = _evaluator_from(_config(representation="nope", image_size=IMAGE),
                            model, mesh)
   with pytest.raises(ValueError, match="'nope' is not an output"):
     ev.report(params)

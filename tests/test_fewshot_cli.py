@@ -11,6 +11,7 @@ import pytest
 
 from vit_jax import checkpoint
 from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax import fewshot as cli
 from vit_jax import models
 from vit_jax import npz
@@ -31,8 +32,8 @@ def params():
 def _workdir(path, params):
   config = config_utils.default_config()
   config.model_name = "testing"
-  config.fewshot = ml_collections.ConfigDict(dict(
-      datasets=(("digits", "digits", "train", "test"),), shots=(1, 5),
+  config.evals.fewshot = ml_collections.ConfigDict(dict(
+      type="fewshot", every=0, datasets=(("digits", "digits", "train", "test"),), shots=(1, 5),
       seeds=(0, 1), batch_size=360, representation="pre_logits"))
   config_utils.save_config(config, path, extra={"resolved": dict(
       num_classes=10, image_size=[16, 16], num_channels=1,
@@ -80,7 +81,7 @@ def test_errors(tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   assert cli.run(["fewshot", f"--workdir={tmp_path}"]) == 1
   assert "config.json not found" in capsys.readouterr().err
-  with pytest.raises(config_utils.Error, match="name=value"):
+  with pytest.raises(errors.Error, match="name=value"):
     cli.parse_overrides(["classifier"])
   assert cli.parse_overrides(["classifier=gap", "image_size=(8, 4)"]) == {
       "classifier": "gap", "image_size": (8, 4)}

@@ -99,20 +99,37 @@ def test_random_mask_counts():
   mask = masking.random_mask(jax.random.PRNGKey(0), 5, 16, 0.4)
   mask = np.asarray(mask)
   assert mask.shape == (5, 16) and mask.dtype == bool
-  np.testing.assert_array_equal(mask.sum(axis=1), np.ceil(16 * 0.4))
+  np.testing.assert_array_equal(mask.sum(axis=1), 6)  # round(6.4)
   assert len({row.tobytes() for row in mask}) > 1  # Differs per example.
 
 
 def test_block_mask_cells():
-  masks = masking.block_mask(0, 3, (4, 6), ratio=0.5, mask_patch_size=2)
+  masks = np.asarray(
+      masking.block_mask(0, 3, (4, 6), ratio=0.5, mask_patch_size=2))
   assert masks.shape == (3, 24) and masks.dtype == bool
   grid = masks.reshape(3, 4, 6)
   cells = grid.reshape(3, 2, 2, 3, 2).transpose(0, 1, 3, 2, 4).reshape(3, 6, 4)
   # Each 2x2 cell of patches is all masked or all visible.
   assert np.all(cells.all(-1) | ~cells.any(-1))
-  np.testing.assert_array_equal(cells.all(-1).sum(-1), 3)  # ceil(0.5 * 6)
+  np.testing.assert_array_equal(cells.all(-1).sum(-1), 3)  # 0.5 * 6
   np.testing.assert_array_equal(
       masking.block_mask(0, 3, (4, 6), 0.5, 2), masks)  # Seeded.
+
+
+def test_mask_count_rounds_to_nearest():
+  assert masking.num_masked(4, 0.6) == 2  # Not 3 (75%), as rounding up gives.
+  assert masking.num_masked(49, 0.6) == 29
+  assert masking.num_masked(10, 0.25) == 3  # Halves round up.
+  masks = np.asarray(masking.block_mask(1, 8, (2, 2), 0.6))
+  np.testing.assert_array_equal(masks.sum(-1), 2)
+
+
+def test_example_masks_depend_on_index_only():
+  rng = jax.random.PRNGKey(3)
+  all_rows = np.asarray(masking.example_masks(rng, np.arange(6), (4, 4), 0.5, 2))
+  some = np.asarray(masking.example_masks(rng, np.array([4, 1]), (4, 4), 0.5, 2))
+  np.testing.assert_array_equal(some, all_rows[[4, 1]])
+  assert len({row.tobytes() for row in all_rows}) > 1
 
 
 def test_mask_errors():

@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
     "--config=configs/digits.py:runlocal", "--config.total_steps=4",
-    "--config.log_steps=1", "--config.eval_steps=0",
-    "--config.checkpoint_steps=2", "--config.fewshot.log_steps=-1",
+    "--config.log_steps=1", "--config.evals.eval.every=0",
+    "--config.checkpoint_steps=2", "--config.evals.fewshot.every=-1",
     "--config.progress=False", "--config.batch_size=16",
     "--config.eval_batch_size=120", "--config.image_size=(8, 8)",
     "--config.model.hidden_size=16", "--config.model.mlp_dim=32",

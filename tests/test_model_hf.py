@@ -2,8 +2,8 @@
 
 Covers what HF defines and our reference tests do not tie to it directly:
 interpolate_pos_encoding at a non-square resolution, bool_masked_pos, hidden
-states and attention weights. The weights are mapped by hand here (design.md
-section 5, the names of HF's files) so that this test depends on the model
+states and attention weights. The weights are mapped by hand here (docs/design.md
+§5, the names of HF's files) so that this test depends on the model
 only.
 """
 

@@ -51,7 +51,7 @@ def test_parameter_counts(name, overrides, expected):
 
 
 def _design_doc_names(depth):
-  """Parameter names of design.md section 3 (token pooling, no extras)."""
+  """Parameter names of docs/design.md §3 (token pooling, no extras)."""
   names = ["cls", "embedding/kernel", "embedding/bias",
            "Transformer/posembed_input/pos_embedding",
            "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias",

@@ -46,7 +46,7 @@ def original_tree(seed=0, cls=True, depth=DEPTH, grid=4):
 
 
 def big_vision_layout(flat, prefix="params/", stacked=True):
-  """Rewrites an original-layout tree the way big_vision stores it (design.md §3).
+  """Rewrites an original-layout tree the way big_vision stores it (docs/design.md §3).
 
   The cls position is folded into `cls` and dropped from the (top-level) table.
   """

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax import metrics
 from vit_jax import sharding
 from vit_jax import train
@@ -29,9 +30,9 @@ def tiny_config(**overrides):
   c = load_config("digits", "runlocal")
   c.total_steps = 3
   c.log_steps = 1
-  c.eval_steps = 0
+  c.evals.eval.every = 0
+  c.evals.fewshot.every = -1
   c.checkpoint_steps = 0
-  c.fewshot = None
   c.progress = False
   c.batch_size = 16
   c.eval_batch_size = 120
@@ -50,10 +51,10 @@ def losses(workdir):
 def test_make_mesh():
   mesh = sharding.make_mesh((("data", -1), ("model", 2)))
   assert mesh.shape == {"data": 4, "model": 2}
-  with pytest.raises(config_utils.Error, match="needs 6 devices but there "
+  with pytest.raises(errors.Error, match="needs 6 devices but there "
                      "are 8"):
     sharding.make_mesh((("data", 3), ("model", 2)))
-  with pytest.raises(config_utils.Error, match="does not fit 8 devices"):
+  with pytest.raises(errors.Error, match="does not fit 8 devices"):
     sharding.make_mesh((("data", -1), ("model", 3)))
 
 

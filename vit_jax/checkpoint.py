@@ -14,7 +14,9 @@ converts), together with the resolved config from `DIR/config.json`.
 
 `load_init(...)` prepares fine-tuning: parameters from a published-layout
 `.npz` or a workdir, position embeddings resampled to the new grid, head reset
-to zeros, "don't load" regexes skipped.
+to zeros, "don't load" regexes skipped. Fine-tuning from a masked-image-
+modeling (SimMIM) run drops its decoder and mask token explicitly
+(`split_unused`).
 """
 
 import json
@@ -27,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax import npz
 
 
@@ -154,7 +157,7 @@ def _check_compatible(stored, expected, step, directory):
   diffs = [f"{k}: checkpoint {stored.get(k)}, model {expected.get(k)}"
            for k in sorted(set(stored) | set(expected))
            if stored.get(k) != expected.get(k)]
-  raise config_utils.Error(
+  raise errors.Error(
       f"the checkpoint at step {step} in {directory} was written with another "
       f"model config ({'; '.join(diffs[:3])}"
       f"{' ...' if len(diffs) > 3 else ''}): resume with the config it was "
@@ -190,22 +193,51 @@ def latest_params(workdir, use_ema=False):
     steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()),
                    reverse=True)
   if not steps:
-    raise config_utils.Error(f"no checkpoint in {ckpt_dir}: train first")
-  errors = []
+    raise errors.Error(f"no checkpoint in {ckpt_dir}: train first")
+  problems = []
   for step in steps:
     try:
       state = _restore_numpy(os.path.join(ckpt_dir, str(step)))
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step}: {_first_line(e)}")
+      problems.append(f"step {step}: {_first_line(e)}")
       continue
     if use_ema:
       if "ema" not in state:
-        raise config_utils.Error(
+        raise errors.Error(
             f"{workdir} has no EMA parameters (optim.ema_decay was 0)")
       return state["ema"], config
     return state["params"], config
-  raise config_utils.Error(
-      f"no readable checkpoint in {ckpt_dir}: " + "; ".join(errors))
+  raise errors.Error(
+      f"no readable checkpoint in {ckpt_dir}: " + "; ".join(problems))
+
+
+def model_from_workdir(workdir, use_ema=False):
+  """Newest parameters of a training workdir and the model they fit.
+
+  Returns:
+    (params, model, config): numpy parameters in the layout they were
+    trained in, the VisionTransformer the run trained (with the fields
+    resolved at training time: task fields, image size, channels) and the
+    run's ConfigDict.
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  params, config = latest_params(workdir, use_ema=use_ema)
+  resolved = config.get("resolved") or {}
+  kwargs = dict(resolved.get("model_kwargs") or {})
+  if not kwargs:  # Written before the resolved fields were kept.
+    kwargs = {k: v for k, v in dict(config.get("model") or {}).items()
+              if v is not None}
+    for key in ("num_classes", "image_size", "num_channels"):
+      value = resolved.get(key)
+      if value is None and key != "num_classes":
+        value = config.get(key)  # The training resolution and channels.
+      if value is not None:
+        kwargs[key] = value
+  try:
+    model = models.create(config.model_name, **kwargs)
+  except ValueError as e:
+    raise errors.Error(f"cannot rebuild the model of {workdir}: {e}") from None
+  return params, model, config
 
 
 # Fine-tuning initialisation.
@@ -224,13 +256,13 @@ def _read_init(path):
   if os.path.isdir(path):
     return latest_params(path)[0]
   if not os.path.exists(path):
-    raise config_utils.Error(
+    raise errors.Error(
         f"init checkpoint {path} not found: pass an .npz file or a workdir "
         "to --config.init")
   try:
     return load_npz(path)
   except (ValueError, OSError) as e:
-    raise config_utils.Error(
+    raise errors.Error(
         f"cannot read init checkpoint {path}: {e}") from None
 
 
@@ -248,12 +280,12 @@ def _resample_posemb(key, value, target, grid, prefix, resample, path):
   """Position embeddings resampled to the model's grid."""
   n_old, n_new = value.shape[1], target.shape[1]
   if not resample:
-    raise config_utils.Error(
+    raise errors.Error(
         f"checkpoint has {n_old} positions, model expects {n_new}: pass "
         "--config.resample_posemb")
   side = int(round((n_old - prefix) ** 0.5))
   if side * side != n_old - prefix:
-    raise config_utils.Error(
+    raise errors.Error(
         f"{key} in {path} has {n_old} positions, not {prefix} prefix tokens "
         "plus a square grid: cannot resample it")
   from vit_jax import posemb  # pylint: disable=g-import-not-at-top
@@ -261,7 +293,37 @@ def _resample_posemb(key, value, target, grid, prefix, resample, path):
       np.asarray(value), (side, side), tuple(grid), prefix, method="zoom"))
 
 
-def load_init(init_params, config, grid, log=print):
+# Parameters only a masked-image-modeling (SimMIM) model has.
+_MIM_ONLY = re.compile(r"^(decoder/.+|mask_token)$")
+
+
+def split_unused(source_keys, target_keys):
+  """Checkpoint entries the model has no place for, split by kind.
+
+  Args:
+    source_keys: flat (`/`-joined) names in the checkpoint.
+    target_keys: flat names of the model's parameters.
+
+  Returns:
+    (mim_dropped, other_unused): sorted lists. `mim_dropped` holds the
+    masked-image-modeling decoder (`decoder/*`) and `mask_token` when the
+    model has none of them (fine-tuning from a SimMIM run); `other_unused`
+    every other checkpoint entry the model does not have.
+  """
+  target = set(target_keys)
+  has_decoder = any(k.startswith("decoder/") for k in target)
+  mim, other = [], []
+  for key in sorted(set(source_keys) - target):
+    if key == "mask_token" and "mask_token" not in target:
+      mim.append(key)
+    elif key.startswith("decoder/") and not has_decoder:
+      mim.append(key)
+    else:
+      other.append(key)
+  return mim, other
+
+
+def load_init(init_params, config, grid, log=print, report=None):
   """Merges checkpoint parameters into freshly initialised ones.
 
   Args:
@@ -271,6 +333,10 @@ def load_init(init_params, config, grid, log=print):
       dont_load).
     grid: the model's patch grid (h, w).
     log: where to report what was not loaded.
+    report: optional dict, filled with sorted lists of names: "kept" (random
+      init kept), "mim_dropped" (masked-image-modeling decoder and mask
+      token dropped, see `split_unused`) and "ignored" (other checkpoint
+      entries the model does not have).
 
   Returns:
     A nested dict of numpy arrays shaped like `init_params`.
@@ -306,17 +372,26 @@ def load_init(init_params, config, grid, log=print):
       continue
     out[key] = value.astype(init.dtype)
   if mismatched:
-    raise config_utils.Error(
+    raise errors.Error(
         f"{len(mismatched)} parameter shapes in {path} do not fit the model "
         f"({'; '.join(mismatched)}): check --config.model_name and "
         "--config.model.*, or skip them with --config.dont_load")
   if len(kept) == len(target):
-    raise config_utils.Error(
+    raise errors.Error(
         f"no parameter of {path} matches the model: is it a ViT checkpoint?")
-  unused = sorted(set(source) - set(target))
+  mim_dropped, unused = split_unused(source, target)
+  if report is not None:
+    report.update(kept=sorted(kept), mim_dropped=mim_dropped, ignored=unused)
   if kept:
     log(f"init: kept the random initialisation of {len(kept)} parameters: "
         + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
+  if mim_dropped:
+    what = " and ".join(
+        name for name, present in (
+            ("decoder", any(k.startswith("decoder/") for k in mim_dropped)),
+            ("mask token", "mask_token" in mim_dropped)) if present)
+    log(f"init: dropped the masked-image-modeling {what} ("
+        + ", ".join(mim_dropped) + ")")
   if unused:
     log(f"init: ignored {len(unused)} checkpoint entries: "
         + ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))

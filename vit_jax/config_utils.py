@@ -11,16 +11,17 @@ they are searched (`re.search`) in the `/`-joined parameter path, e.g.
 and `$` where needed.
 """
 
+import dataclasses
 import json
 import math
 import os
+from typing import Optional
 
 import ml_collections
 from ml_collections import config_dict
 
 
-class Error(Exception):
-  """A problem the user can fix; `main` prints it as one line, no traceback."""
+from vit_jax.errors import Error
 
 
 def parse_arg(arg, names):
@@ -70,6 +71,27 @@ def check_variant_and_dataset(variant, dataset, datasets, config_file):
                 "--config.dataset")
 
 
+def shrink_to_runlocal(c, variant, eval_split):
+  """A CPU-sized smoke run of a dataset config: tiny images and batches,
+  5 steps, one encoder block, 64 training and 16 evaluation examples."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  stride = models.create(variant, num_classes=1).encoder_stride[0]
+  c.image_size = (2 * stride, 2 * stride)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.total_epochs = None
+  c.total_steps = 5
+  c.optim.warmup_steps = 1
+  c.log_steps = 1
+  c.checkpoint_steps = 5
+  for entry in c.evals.values():
+    entry.every = 5
+  c.train_split = "train[:64]"
+  c.eval_split = f"{eval_split}[:16]"
+  c.model.num_layers = 1
+  return c
+
+
 # Tensor parallelism over the "model" mesh axis: attention heads and MLP
 # hidden units. Specs are for one (unstacked) block; a scanned encoder's
 # leading depth axis is added automatically.
@@ -83,6 +105,35 @@ DEFAULT_PARTITION_RULES = (
     (r"MlpBlock_\d+/Dense_0/bias$", ("model",)),
     (r"MlpBlock_\d+/Dense_1/kernel$", ("model", None)),
 )
+
+
+# Fields that are data, not architecture: top-level config fields.
+DATA_FIELDS = ("image_size", "num_channels")
+
+_PLACEHOLDER_TYPES = {int: int, float: float, bool: bool, str: str,
+                      Optional[int]: int, Optional[float]: float}
+
+
+def model_config():
+  """`config.model`: every VisionTransformer field but DATA_FIELDS, unset.
+
+  Unset (None) fields take the variant's value. Fields that may be an int or
+  a pair (`patch_size`) or a dict (`resnet`) accept any value, e.g.
+  `--config.model.patch_size=(4,8)`.
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  for field in dataclasses.fields(models.VisionTransformer):
+    if field.name in models.FIELDS and field.name not in DATA_FIELDS:
+      kind = _PLACEHOLDER_TYPES.get(field.type, object)
+      setattr(c, field.name, config_dict.placeholder(kind))
+  return c
+
+
+def model_kwargs(config):
+  """The set `config.model` fields, as a dict for `models.create`."""
+  fields = config.model.to_dict() if config.get("model") else {}
+  return {k: v for k, v in fields.items() if v is not None}
 
 
 def default_config():
@@ -104,19 +155,17 @@ def default_config():
   c.total_steps = config_dict.placeholder(int)
   c.total_epochs = config_dict.placeholder(float)
 
-  # Model: `models.create(model_name, **model)`; configs add the variant's
-  # architecture fields so that any of them can be overridden.
+  # Model: `models.create(model_name, **model)`. Every VisionTransformer
+  # field is here (image size and channels are the data's: `image_size`,
+  # `num_channels` above); None means the variant's value (or the class
+  # default). Configs copy the variant's architecture in so that each field
+  # shows in config.json and can be overridden (`--config.model.qkv_bias=False`).
   c.model_name = "B/16"
-  c.model = ml_collections.ConfigDict(dict(
-      classifier="token", posemb="learn", dropout_rate=0.0,
-      attention_dropout_rate=0.0, stochastic_depth=0.0, scan=False,
-      remat_policy="none",
-      dtype="float32",        # Compute dtype; "bfloat16" for mixed precision.
-      param_dtype="float32",  # Parameters (and optimizer state) stay fp32.
-  ))
+  c.model = model_config()
 
-  # Loss.
-  c.loss = "softmax_xent"  # Or "sigmoid_xent".
+  # Task (vit_jax/tasks/): how a batch becomes a loss.
+  c.task = "classification"  # Or "regression", "simmim".
+  c.loss = "softmax_xent"  # classification: or "sigmoid_xent".
   c.label_smoothing = 0.0
 
   # Optimizer (see vit_jax/optim.py).
@@ -134,6 +183,8 @@ def default_config():
       lr_mults=(),       # ((regex, multiplier), ...), first match wins.
       accum_steps=1,     # Gradient accumulation: microbatches per step.
       ema_decay=0.0,     # Polyak averaging of parameters; 0 disables it.
+      layer_decay=0.0,   # Layer-wise lr decay (SimMIM fine-tuning: 0.65-0.75);
+                         # 0 disables it.
   ))
 
   # Devices.
@@ -143,13 +194,19 @@ def default_config():
   c.partition_rules = DEFAULT_PARTITION_RULES
   c.distributed = False   # jax.distributed.initialize() before anything.
 
-  # Schedule of side jobs (0 disables; evaluation and a checkpoint always
-  # happen at the end).
+  # Schedule of side jobs (0 disables; a checkpoint is always written at
+  # the end).
   c.log_steps = 50
-  c.eval_steps = 500
   c.checkpoint_steps = 500
   c.max_to_keep = 3
   c.progress = True  # tqdm progress bar on process 0.
+
+  # Evaluators (vit_jax/evaluators/): name -> {type, every, fields}. Metrics
+  # are logged as "<name>/<metric>". `every`: period in steps; 0: only at the
+  # end; negative: never. Fields not given take the run's values (dataset,
+  # eval_split, eval_batch_size, image_size, num_channels, data_dir).
+  c.evals = ml_collections.ConfigDict(dict(
+      eval=dict(type="classification", every=500)))
 
   # Initialisation from a checkpoint (fine-tuning).
   c.init = config_dict.placeholder(str)  # .npz file or a workdir.
@@ -157,13 +214,6 @@ def default_config():
   c.resample_posemb = False
   c.dont_load = ()      # Regexes of parameters to keep from random init.
 
-  # Few-shot evaluation (vit_jax.evaluators.fewshot), a ConfigDict whose
-  # `log_steps` is its period (0: only at the end; negative: never, e.g.
-  # `--config.fewshot.log_steps=-1` from the command line). None disables it.
-  c.fewshot = None
-
-  # Testing aid: SIGKILL the process right after the checkpoint of this step.
-  c.debug_stop_after_step = config_dict.placeholder(int)
   return c
 
 
@@ -179,16 +229,6 @@ def resolve_steps(config, num_train_examples):
   if steps <= 0:
     raise Error(f"total steps must be positive, got {steps}")
   return steps
-
-
-def as_tuple2(size, name="image_size"):
-  """(h, w) from an int or a pair."""
-  if isinstance(size, int):
-    return (size, size)
-  size = tuple(int(s) for s in size)
-  if len(size) != 2:
-    raise Error(f"{name} must be an int or (height, width), got {size}")
-  return size
 
 
 def save_config(config, workdir, extra=None):

@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from vit_jax import config_utils
+from vit_jax import errors
 
 # Own flag namespace: importable beside other command-line modules.
 FLAGS = flags.FlagValues()
@@ -68,7 +68,7 @@ def parse_overrides(items):
   for item in items:
     name, sep, value = item.partition("=")
     if not sep or not name:
-      raise config_utils.Error(
+      raise errors.Error(
           f"--override={item!r} is not name=value, e.g. "
           "--override=classifier=gap")
     out[name.strip()] = _literal(value.strip())
@@ -82,9 +82,9 @@ def _npz_model(path, name, overrides, image_size):
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   from vit_jax import posemb  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
-    raise config_utils.Error(f"--init={path} does not exist")
+    raise errors.Error(f"--init={path} does not exist")
   if not name:
-    raise config_utils.Error("--init needs --model=<variant>, e.g. B/16")
+    raise errors.Error("--init needs --model=<variant>, e.g. B/16")
   params = checkpoint.load_npz(path)
   kwargs = {}
   if "head" in params:
@@ -102,7 +102,7 @@ def _npz_model(path, name, overrides, image_size):
   try:
     model = models.create(name, **kwargs)
   except ValueError as e:
-    raise config_utils.Error(str(e)) from None
+    raise errors.Error(str(e)) from None
   table = params.get("Transformer", {}).get("posembed_input", {}).get(
       "pos_embedding")
   if table is not None:
@@ -112,7 +112,7 @@ def _npz_model(path, name, overrides, image_size):
     if old != grid[0] * grid[1]:
       side = int(round(math.sqrt(old)))
       if side * side != old:
-        raise config_utils.Error(
+        raise errors.Error(
             f"checkpoint has {table.shape[1]} positions, which is not "
             f"{prefix} + a square grid: pass --override=image_size=... "
             "matching the checkpoint")
@@ -122,23 +122,13 @@ def _npz_model(path, name, overrides, image_size):
   return params, model
 
 
-def _workdir_model(workdir, use_ema):
-  """Newest parameters of a training workdir and the model they fit."""
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  params, run = checkpoint.latest_params(workdir, use_ema=use_ema)
-  resolved = run.get("resolved") or {}
-  kwargs = dict(resolved.get("model_kwargs") or {})
-  if not kwargs:
-    kwargs = dict(run.get("model") or {})
-    for key in ("num_classes", "image_size", "num_channels"):
-      if resolved.get(key) is not None:
-        kwargs[key] = resolved[key]
-  try:
-    model = models.create(run.model_name, **kwargs)
-  except ValueError as e:
-    raise config_utils.Error(f"cannot rebuild the model of {workdir}: {e}")
-  return params, model, run
+def _run_fewshot_config(run):
+  """The few-shot entry of a training run's `evals`, if any."""
+  for name, entry in dict(run.get("evals") or {}).items():
+    entry = dict(entry or {})
+    if (entry.get("type") or name) == "fewshot":
+      return {k: v for k, v in entry.items() if k not in ("type", "every")}
+  return None
 
 
 def format_table(report):
@@ -193,7 +183,7 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
   `output_dir` defaults to `workdir`.
 
   Returns:
-    The report (see `evaluators.fewshot.FewShotEvaluator.report`).
+    The report (see `evaluators.fewshot.Evaluator.report`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -208,19 +198,25 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
                                  image_size)
     mesh_spec = (("data", -1), ("model", 1))
   else:
-    params, model, run = _workdir_model(workdir, use_ema)
+    from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    params, model, run = checkpoint.model_from_workdir(workdir, use_ema)
     if fewshot_config is None:
-      fewshot_config = run.get("fewshot")
+      fewshot_config = _run_fewshot_config(run)
     config = fewshot.resolve_config(fewshot_config)
     mesh_spec = run.get("mesh") or (("data", -1), ("model", 1))
     if config.representation == fewshot.PIXELS:
       params, model = None, None
   mesh = sharding.make_mesh(mesh_spec)
+  if model is not None and config.get("image_size") is None:
+    config.image_size = model.image_size
+  predict_fn = None if model is None else (
+      lambda p, x, **kw: model.apply({"params": p}, x, train=False, **kw))
   try:
-    evaluator = fewshot.FewShotEvaluator(model, mesh, config, log=log)
+    evaluator = fewshot.Evaluator(predict_fn, mesh, log=log,
+                                  **config.to_dict())
     report = evaluator.report(params)
   except (ValueError, FileNotFoundError) as e:  # Config or missing data.
-    raise config_utils.Error(str(e)) from None
+    raise errors.Error(str(e)) from None
   if jax.process_index() == 0:
     log(format_table(report))
     output_dir = output_dir or workdir
@@ -240,7 +236,7 @@ def run(argv):
   saved, sys.argv = sys.argv, list(argv)  # `--config.x` overrides read it.
   try:
     FLAGS(argv)
-  except (flags.Error, config_utils.Error) as e:
+  except (flags.Error, errors.Error) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     print(f"error: {lines[-1] if lines else e}", file=sys.stderr)
     return 1
@@ -258,7 +254,7 @@ def run(argv):
              model_name=_MODEL.value,
              overrides=parse_overrides(_OVERRIDE.value),
              use_ema=_EMA.value, output_dir=_OUTPUT_DIR.value)
-  except config_utils.Error as e:
+  except errors.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

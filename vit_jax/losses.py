@@ -7,6 +7,8 @@ per-example values with `reduction=False`.
 import jax
 import jax.numpy as jnp
 
+from vit_jax.sizes import pair
+
 
 def softmax_xent(logits, labels_onehot, reduction: bool = True):
   """Cross-entropy of softmax(logits) against (soft) one-hot labels."""
@@ -38,13 +40,9 @@ def mse(predictions, targets, reduction: bool = True):
   return jnp.mean(err) if reduction else err
 
 
-def _pair(value):
-  return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def upsample_mask(bool_masked_pos, grid, patch_size):
   """[B, h * w] patch mask -> [B, h * ph, w * pw] pixel mask (float32)."""
-  ph, pw = _pair(patch_size)
+  ph, pw = pair(patch_size, "patch_size")
   h, w = grid
   mask = jnp.asarray(bool_masked_pos).reshape(-1, h, w).astype(jnp.float32)
   return jnp.repeat(jnp.repeat(mask, ph, axis=1), pw, axis=2)
@@ -56,7 +54,7 @@ def masked_l1(pixels, reconstruction, bool_masked_pos, patch_size):
   sum(|pixels - reconstruction| * mask) / (sum(mask) + 1e-5) / C, with the
   [B, num_patches] mask upsampled to pixels; images are [B, H, W, C].
   """
-  ph, pw = _pair(patch_size)
+  ph, pw = pair(patch_size, "patch_size")
   b, height, width, channels = pixels.shape
   if reconstruction.shape != pixels.shape:
     raise ValueError(f"reconstruction {reconstruction.shape} and pixels "

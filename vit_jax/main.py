@@ -13,13 +13,14 @@ Problems the user can fix are printed as one line `error: <message>` and the
 exit status is 1.
 """
 
+import re
 import sys
 
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from vit_jax import config_utils
+from vit_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: configs/<name>.py[:arg].",
@@ -44,13 +45,18 @@ def _parse(argv):
   sys.argv = list(argv)  # Config overrides are read from sys.argv.
   try:
     flags.FLAGS(argv)
-  except config_utils.Error as e:
+  except errors.Error as e:
     return str(e)
   except (AttributeError, KeyError) as e:  # An override of a missing field.
     detail = str(e).strip("'\"")
     return (f"unknown config field {detail}: check the --config.<field> "
             "overrides against the config file")
   except flags.Error as e:
+    # A config file's get_config that refused its argument: ml_collections
+    # wraps the error in a traceback text; its last line is the message.
+    refused = re.search(r"^vit_jax\.errors\.Error: (.*)$", str(e), re.M)
+    if refused:
+      return refused.group(1)
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     return lines[-1] if lines else str(e)
   if _CONFIG.value is None:
@@ -80,7 +86,7 @@ def run(argv):
         _DISTRIBUTED.value or bool(config.get("distributed")))
     from vit_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)
-  except config_utils.Error as e:
+  except errors.Error as e:
     return _fail(e)
   return 0
 

@@ -1,6 +1,6 @@
 """Reading and writing ViT checkpoints in the published `.npz` layout.
 
-A checkpoint is a flat mapping from `/`-joined parameter paths to arrays (design.md
+A checkpoint is a flat mapping from `/`-joined parameter paths to arrays (docs/design.md
 §3). Two layouts exist in the wild and both are read here:
 
 * the original one (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...`,
@@ -37,7 +37,8 @@ _STACKED = re.compile(r"^(.*Transformer/)encoderblock/(.*)$")
 _PER_BLOCK = re.compile(r"^(.*Transformer/)encoderblock_(\d+)/(.*)$")
 _BLOCK_MODULE = re.compile(r"^(Transformer/encoderblock(?:_\d+)?/)([^/]+)(/.*)$")
 
-# Every name our models use (design.md §3); anything else in a checkpoint is an error.
+# Every name our models use (docs/design.md §3); anything else in a checkpoint is an
+# error.
 KNOWN_KEYS = tuple(re.compile(p) for p in (
     r"cls",
     r"mask_token",

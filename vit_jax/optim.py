@@ -3,11 +3,18 @@
 The chain, for the trainable parameters, is
 
   clip_by_global_norm -> optimizer direction -> + weight_decay * param
-  -> * -lr(step) -> * lr multiplier
+  -> * -lr(step) -> * lr multiplier -> * layer-decay multiplier
 
 and frozen parameters get no update (and no optimizer state). Weight decay is
 decoupled from the gradient statistics and multiplied by the learning rate, as
 in `optax.adamw` and the ViT paper (Adam, weight decay 0.1).
+
+Layer-wise learning-rate decay (`optim.layer_decay`, BEiT/SimMIM fine-tuning;
+0 disables it): with L encoder blocks, embedding-side parameters have layer id
+0, `Transformer/encoderblock_{i}` id i+1 and everything after the encoder
+(encoder_norm, pre_logits, head, MAPHead_0, decoder) id L+1; the update of a
+parameter is multiplied by `layer_decay ** (L + 1 - id)` (weight decay
+included), per row of the depth axis for a scanned (stacked) encoder.
 
 Parameter selection uses regexes searched in `/`-joined parameter paths (see
 `vit_jax.config_utils`).
@@ -17,9 +24,10 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from vit_jax import config_utils
+from vit_jax import errors
 
 
 def path_str(keypath):
@@ -61,13 +69,136 @@ def lr_multipliers(tree, rules):
   return jax.tree.map(mult, tree_paths(tree))
 
 
+# Layer-wise learning-rate decay.
+
+_EMBEDDING_SIDE = re.compile(
+    r"^(embedding|cls|mask_token|pos_embedding|conv_root|gn_root"
+    r"|block\d+/unit\d+)(/|$)|^Transformer/posembed_input(/|$)")
+_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)(/|$)")
+_STACKED = re.compile(r"^Transformer/encoderblock(/|$)")
+
+
+def num_encoder_layers(tree):
+  """Number of encoder blocks L of a parameter tree (arrays or shapes).
+
+  Counts `Transformer/encoderblock_{i}` (per-block layout) or reads the
+  leading depth axis of `Transformer/encoderblock/...` (scanned layout).
+  """
+  paths = jax.tree.leaves(tree_paths(tree))
+  shapes = [tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(tree)]
+  blocks = {int(m.group(1)) for m in map(_BLOCK.match, paths) if m}
+  depths = {shape[0] if shape else 0
+            for path, shape in zip(paths, shapes) if _STACKED.match(path)}
+  if blocks and depths:
+    raise errors.Error(
+        "the parameter tree has both per-block (encoderblock_i) and stacked "
+        "(encoderblock) encoder layers: cannot assign layer-decay ids")
+  if blocks:
+    if blocks != set(range(len(blocks))):
+      raise errors.Error(
+          f"encoder blocks {sorted(blocks)} are not numbered 0..L-1: cannot "
+          "assign layer-decay ids")
+    return len(blocks)
+  if depths:
+    if len(depths) != 1 or 0 in depths:
+      raise errors.Error(
+          "the stacked encoder leaves have different leading (depth) sizes "
+          f"{sorted(depths)}: cannot assign layer-decay ids")
+    return depths.pop()
+  raise errors.Error(
+      "optim.layer_decay needs a ViT encoder, but the parameter tree has no "
+      "Transformer/encoderblock_i or Transformer/encoderblock: set "
+      "--config.optim.layer_decay=0")
+
+
+def layer_id(path, num_layers):
+  """Layer id of a `/`-joined parameter path (None: stacked encoder leaf).
+
+  0 for the embedding side (patch embedding, cls, mask token, position
+  embeddings, hybrid stem), i+1 for `Transformer/encoderblock_{i}`, and
+  L+1 for everything else (encoder_norm, pre_logits, head, MAPHead_0,
+  decoder). A leaf of a scanned encoder holds the ids 1..L along its leading
+  axis: None is returned for it.
+  """
+  if _EMBEDDING_SIDE.search(path):
+    return 0
+  m = _BLOCK.match(path)
+  if m:
+    return int(m.group(1)) + 1
+  if _STACKED.match(path):
+    return None
+  return num_layers + 1
+
+
+def _check_layer_decay(decay):
+  decay = float(decay)
+  if not 0.0 < decay <= 1.0:
+    raise errors.Error(
+        f"optim.layer_decay={decay} must be in (0, 1] (0 disables it); "
+        "SimMIM fine-tunes with 0.65-0.75")
+  return decay
+
+
+def _layer_mult(path, shape, decay, num_layers):
+  """The multiplier of one leaf: a float, or an array for a stacked leaf."""
+  lid = layer_id(path, num_layers)
+  if lid is not None:
+    return decay ** (num_layers + 1 - lid)
+  if not shape or shape[0] != num_layers:
+    raise errors.Error(
+        f"{path} has shape {tuple(shape)}, expected a leading depth axis of "
+        f"{num_layers} (the scanned encoder's blocks)")
+  # Row i is block i, layer id i+1: decay ** (L - i).
+  vec = np.array([decay ** (num_layers - i) for i in range(num_layers)],
+                 np.float64)
+  return vec.reshape((num_layers,) + (1,) * (len(shape) - 1))
+
+
+def layer_decay_multipliers(tree, decay, num_layers=None):
+  """Layer-wise lr multipliers `decay ** (L + 1 - layer_id)` per leaf.
+
+  Args:
+    tree: parameters (arrays or shapes).
+    decay: the layer decay, in (0, 1].
+    num_layers: L; inferred from `tree` when None.
+
+  Returns:
+    A tree like `tree` of Python floats, and for leaves of a scanned encoder
+    float64 numpy arrays of shape (L, 1, ..., 1) (row i: decay ** (L - i)).
+  """
+  decay = _check_layer_decay(decay)
+  if num_layers is None:
+    num_layers = num_encoder_layers(tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: _layer_mult(path_str(p), tuple(getattr(x, "shape", ())),
+                               decay, num_layers), tree)
+
+
+def _scale_by_layer_decay(decay, num_layers):
+  """Multiplies each update leaf by its layer-decay multiplier."""
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def scale(keypath, u):
+      m = _layer_mult(path_str(keypath), tuple(u.shape), decay, num_layers)
+      if isinstance(m, float) and m == 1.0:
+        return u
+      return u * jnp.asarray(m, u.dtype)
+
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(
+      lambda _: optax.EmptyState(), update_fn)
+
+
 def make_schedule(cfg, total_steps):
   """Learning-rate schedule: linear warmup then the configured decay."""
   lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
   end_lr = float(cfg.get("end_lr", 0.0))
   name = cfg.schedule
   if warmup >= total_steps and name != "constant":
-    raise config_utils.Error(
+    raise errors.Error(
         f"warmup_steps={warmup} must be smaller than the {total_steps} total "
         "steps: lower --config.optim.warmup_steps")
 
@@ -84,7 +215,7 @@ def make_schedule(cfg, total_steps):
     elif name == "constant":
       value = jnp.full_like(step, lr)
     else:
-      raise config_utils.Error(
+      raise errors.Error(
           f"unknown schedule {name!r}: use cosine, linear, rsqrt or constant")
     if warmup > 0:
       value = value * jnp.minimum(1.0, (step + 1.0) / warmup)
@@ -106,7 +237,7 @@ def _direction(cfg):
     return optax.scale_by_adam(**kwargs)
   fn = getattr(optax, name, None)
   if fn is None or not callable(fn):
-    raise config_utils.Error(
+    raise errors.Error(
         f"unknown optimizer {name!r}: use sgd, adam, adamw or an optax "
         "optimizer name such as lion or adafactor")
   # An optax optimizer with unit learning rate returns -direction.
@@ -149,12 +280,15 @@ def make(cfg, params, total_steps):
   parts.append(optax.scale_by_learning_rate(schedule))
   if cfg.get("lr_mults"):
     parts.append(_scale_by_regex(tuple(cfg.lr_mults)))
+  if cfg.get("layer_decay"):
+    decay = _check_layer_decay(cfg.layer_decay)
+    parts.append(_scale_by_layer_decay(decay, num_encoder_layers(params)))
   tx = optax.chain(*parts)
 
   frozen = regex_mask(params, cfg.get("frozen", ""))
   if any(jax.tree.leaves(frozen)):
     if all(jax.tree.leaves(frozen)):
-      raise config_utils.Error(
+      raise errors.Error(
           f"optim.frozen={cfg.frozen!r} freezes every parameter: nothing "
           "would be trained")
     labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)

@@ -17,11 +17,11 @@ uses its own method, and they are not interchangeable:
 static grid sizes; applying them works on numpy arrays and inside `jax.jit`.
 """
 
-from typing import Tuple
-
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
+
+from vit_jax.sizes import pair
 
 METHODS = ("zoom", "bicubic", "bilinear")
 
@@ -108,15 +108,6 @@ def interpolation_matrix(in_size: int, out_size: int,
   return mat.astype(np.float32)
 
 
-def _as_grid(grid) -> Tuple[int, int]:
-  if isinstance(grid, int):
-    return (grid, grid)
-  grid = tuple(int(g) for g in grid)
-  if len(grid) != 2:
-    raise ValueError(f"a grid is (height, width), got {grid}")
-  return grid
-
-
 def resample(posemb, old_grid, new_grid, num_prefix_tokens: int = 1,
              method: str = "bicubic"):
   """Resamples a [1, P + h * w, D] position embedding to a new (h, w) grid.
@@ -132,8 +123,8 @@ def resample(posemb, old_grid, new_grid, num_prefix_tokens: int = 1,
     [1, num_prefix_tokens + new_h * new_w, D], numpy for numpy input (and
     always for "zoom"), a jax array otherwise.
   """
-  old_h, old_w = _as_grid(old_grid)
-  new_h, new_w = _as_grid(new_grid)
+  old_h, old_w = pair(old_grid, "grid")
+  new_h, new_w = pair(new_grid, "grid")
   if method not in METHODS:
     raise ValueError(
         f"unknown resample method {method!r}: use one of {METHODS}")

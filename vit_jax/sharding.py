@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vit_jax import config_utils
+from vit_jax import errors
 from vit_jax import optim
 
 
@@ -49,7 +49,7 @@ def maybe_initialize_distributed(requested=False):
   kwargs = {}
   if addr:
     if nproc is None or pid is None:
-      raise config_utils.Error(
+      raise errors.Error(
           "JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES or "
           "JAX_PROCESS_ID is not: set all three")
     kwargs = dict(coordinator_address=addr, num_processes=int(nproc),
@@ -64,19 +64,19 @@ def make_mesh(axes, devices=None):
   names = tuple(str(n) for n, _ in axes)
   sizes = [int(s) for _, s in axes]
   if sorted(names) != ["data", "model"]:
-    raise config_utils.Error(
+    raise errors.Error(
         f"mesh axes must be named 'data' and 'model', got {names}")
   if sizes.count(-1) > 1:
-    raise config_utils.Error(f"at most one mesh axis may be -1, got {axes}")
+    raise errors.Error(f"at most one mesh axis may be -1, got {axes}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if known <= 0 or len(devices) % known:
-      raise config_utils.Error(
+      raise errors.Error(
           f"mesh {tuple(axes)} does not fit {len(devices)} devices: "
           "use axis sizes whose product divides the device count")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise config_utils.Error(
+    raise errors.Error(
         f"mesh {tuple(axes)} needs {int(np.prod(sizes))} devices but there "
         f"are {len(devices)}: change --config.mesh")
   return Mesh(np.array(devices).reshape(sizes), names)
@@ -148,11 +148,11 @@ def check_batch_size(global_batch, mesh, what="batch_size"):
   """The global batch must split evenly over data devices and processes."""
   n = mesh.shape["data"]
   if global_batch % n:
-    raise config_utils.Error(
+    raise errors.Error(
         f"{what}={global_batch} is not divisible by the {n} devices of the "
         f"'data' mesh axis: use a multiple of {n}")
   if global_batch % jax.process_count():
-    raise config_utils.Error(
+    raise errors.Error(
         f"{what}={global_batch} is not divisible by the "
         f"{jax.process_count()} processes")
 

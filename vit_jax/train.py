@@ -1,7 +1,10 @@
 """The training loop, read top to bottom.
 
-config -> mesh -> data -> model & optimizer -> shardings -> update step ->
-restore (or initialise) -> evaluators -> loop (log, evaluate, checkpoint).
+config -> mesh -> data -> task, model & optimizer -> shardings -> update
+step -> restore (or initialise) -> evaluators -> loop (log, evaluate,
+checkpoint). The loop names no task and no evaluator: the task
+(`vit_jax/tasks/`, `config.task`) turns a batch into a loss, and the
+evaluators (`vit_jax/evaluators/`, `config.evals`) return metrics.
 
 The whole update is one `jax.jit` with explicit shardings over the mesh;
 parameters and optimizer state are donated. Per-step randomness is
@@ -9,7 +12,6 @@ parameters and optimizer state are donated. Per-step randomness is
 resumed run continues exactly where the interrupted one stopped.
 """
 
-import functools
 import os
 import re
 import signal
@@ -23,14 +25,17 @@ import optax
 from vit_jax import checkpoint
 from vit_jax import config_utils
 from vit_jax import data
-from vit_jax import losses
+from vit_jax import errors
+from vit_jax import evaluators as evaluators_lib
 from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
-from vit_jax.evaluators import classification
+from vit_jax import sizes
+from vit_jax import tasks
+from vit_jax.evaluators import common
 
-Error = config_utils.Error
+Error = errors.Error
 
 
 class StopFlag:
@@ -78,17 +83,6 @@ def _prepare_workdir(workdir):
                 "pass a writable --workdir") from None
 
 
-def _get_source(config, split):
-  try:
-    return data.get_source(config.dataset, split,
-                           data_dir=config.get("data_dir"))
-  except (ValueError, KeyError, FileNotFoundError, NotADirectoryError,
-          ImportError) as e:
-    msg = e.args[0] if e.args else str(e)
-    raise Error(f"cannot load dataset {config.dataset!r} split {split!r}: "
-                f"{msg}") from None
-
-
 def _train_loader(config, source, image_size):
   """This process's share of one global stream of training batches."""
   pp = config.pp
@@ -101,14 +95,14 @@ def _train_loader(config, source, image_size):
       worker_count=int(pp.get("worker_count", 0)))
 
 
-def _create_model(config, num_classes, image_size, num_channels, **extra):
-  """The VisionTransformer of the config; checks variant and image size."""
+def _create_model(config, image_size, num_channels, task_fields):
+  """The VisionTransformer of the config and task; checks the image size."""
   if config.model_name not in models.VARIANTS:
     raise Error(f"unknown model variant {config.model_name!r}: use one of "
                 f"{', '.join(models.VARIANTS)} (--config.model_name)")
-  kwargs = dict(config.model.to_dict() if config.get("model") else {})
-  kwargs.update(num_classes=num_classes, image_size=image_size,
-                num_channels=num_channels, **extra)
+  kwargs = config_utils.model_kwargs(config)
+  kwargs.update(task_fields)
+  kwargs.update(image_size=image_size, num_channels=num_channels)
   try:
     model = models.create(config.model_name, **kwargs)
     grid = model.grid_size(image_size)
@@ -117,20 +111,11 @@ def _create_model(config, num_classes, image_size, num_channels, **extra):
   return model, grid, kwargs
 
 
-def _loss_fn(config, num_classes):
-  """(logits, int labels) -> mean loss, with label smoothing."""
-  smoothing = float(config.get("label_smoothing") or 0.0)
-  kind = config.get("loss", "softmax_xent")
-  if kind not in ("softmax_xent", "sigmoid_xent"):
-    raise Error(f"unknown loss {kind!r}: use softmax_xent or sigmoid_xent")
-
-  def loss(logits, labels):
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if smoothing:
-      onehot = onehot * (1.0 - smoothing) + smoothing / num_classes
-    return getattr(losses, kind)(logits, onehot)
-
-  return loss
+def _image_size(config):
+  try:
+    return sizes.pair(config.image_size, "image_size")
+  except ValueError as e:
+    raise Error(f"{e} (--config.image_size=224 or (224, 160))") from None
 
 
 def _with_shardings(shapes, shardings):
@@ -172,13 +157,14 @@ def _every(step, period):
   return bool(period) and period > 0 and step % period == 0
 
 
-def _fewshot_steps(config):
-  """Few-shot evaluation period (0: at the end), or None when disabled."""
-  if not config.get("fewshot"):
-    return None
-  steps = config.fewshot.get("log_steps")
-  steps = 0 if steps is None else int(steps)
-  return None if steps < 0 else steps
+def _format(results):
+  """`k=v ...` in natural key order; integers without decimals."""
+  parts = []
+  for k, v in sorted(results.items(), key=lambda kv: _natural(kv[0])):
+    v = float(v)
+    parts.append(f"{k}={int(v)}" if v.is_integer() and abs(v) >= 1
+                 else f"{k}={v:.4f}")
+  return " ".join(parts)
 
 
 def train_and_evaluate(config, workdir, devices=None):
@@ -194,7 +180,7 @@ def train_and_evaluate(config, workdir, devices=None):
   """
   # Config and workdir.
   _prepare_workdir(workdir)
-  image_size = config_utils.as_tuple2(config.image_size)
+  image_size = _image_size(config)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size") or batch_size)
 
@@ -204,16 +190,19 @@ def train_and_evaluate(config, workdir, devices=None):
   sharding.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
 
   # Data.
-  train_src = _get_source(config, config.train_split)
+  train_src = common.load_source(config.dataset, config.train_split,
+                                 config.get("data_dir"))
   total_steps = config_utils.resolve_steps(config, len(train_src))
-  num_classes = int(train_src.num_classes)
   train_iter = iter(_train_loader(config, train_src, image_size))
   num_channels = config.get("num_channels") or int(
       np.asarray(train_src[0]["image"]).shape[-1])
 
-  # Model and optimizer.
+  # Task, model and optimizer.
+  task = tasks.create(config, train_src)
   model, grid, model_kwargs = _create_model(
-      config, num_classes, image_size, num_channels)
+      config, image_size, num_channels, task.model_fields)
+  if hasattr(task, "check"):
+    task.check(model, image_size)
   rng = jax.random.PRNGKey(config.seed)
   dummy = jnp.zeros((1, *image_size, num_channels), jnp.float32)
 
@@ -227,7 +216,6 @@ def train_and_evaluate(config, workdir, devices=None):
   if batch_size % (accum * mesh.shape["data"]):
     raise Error(f"batch_size={batch_size} is not divisible by accum_steps="
                 f"{accum} times the {mesh.shape['data']} data devices")
-  loss_fn = _loss_fn(config, num_classes)
 
   def make_state(params, rng):
     state = {"params": params, "opt_state": tx.init(params),
@@ -243,35 +231,42 @@ def train_and_evaluate(config, workdir, devices=None):
   repl = sharding.replicated(mesh)
   batch_shard = sharding.batch_sharding(mesh)
 
-  # Update step.
+  # Update step: the task's loss of the batch (or of `accum` microbatches
+  # of interleaved rows), one optimizer update. `index` is each example's
+  # position in the global batch: with the step's key it makes per-example
+  # randomness (masks) independent of devices, processes and accumulation.
   def train_step(state, batch):
     params, step = state["params"], state["step"]
     step_rng = jax.random.fold_in(state["rng"], step)
+    batch = dict(batch, index=jnp.arange(batch_size, dtype=jnp.int32))
 
-    def loss_of(p, images, labels, r):
-      logits, _ = model.apply({"params": p}, images, train=True,
-                              rngs={"dropout": r})
-      return loss_fn(logits, labels)
+    def loss_of(p, b, dropout_rng):
+      return task.loss(model, p, b, {"dropout": dropout_rng, "step": step_rng})
 
-    grad_fn = jax.value_and_grad(loss_of)
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if accum == 1:
-      loss, grads = grad_fn(params, batch["image"], batch["label"], step_rng)
+      (loss, aux), grads = grad_fn(params, batch, step_rng)
     else:
       def micro(x):  # [B, ...] -> [accum, B / accum, ...], rows interleaved.
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
-      images, labels = micro(batch["image"]), micro(batch["label"])
+      micro_batches = jax.tree.map(micro, batch)
 
       def body(i, carry):
-        loss_sum, grad_sum = carry
-        l, g = grad_fn(params, images[i], labels[i],
-                       jax.random.fold_in(step_rng, i))
-        return loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)
+        b = jax.tree.map(lambda x: x[i], micro_batches)
+        (l, a), g = grad_fn(params, b, jax.random.fold_in(step_rng, i))
+        return jax.tree.map(jnp.add, carry, (l, a, g))
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      loss, grads = jax.lax.fori_loop(0, accum, body, (0.0, zeros))
-      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      aux_shapes = jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches),
+                          step_rng)[0][1])
+      aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               aux_shapes)
+      loss, aux, grads = jax.lax.fori_loop(
+          0, accum, body, (jnp.zeros((), jnp.float32), aux_zeros, zeros))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -282,6 +277,7 @@ def train_and_evaluate(config, workdir, devices=None):
                                           ema_decay, step)
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                "train/lr": schedule(step)}
+    metrics.update({f"train/{k}": v for k, v in aux.items()})
     return new_state, metrics
 
   train_step = jax.jit(
@@ -311,44 +307,45 @@ def train_and_evaluate(config, workdir, devices=None):
   # The resolved config, once the checkpoint (if any) is known to fit it.
   if jax.process_index() == 0:
     config_utils.save_config(config, workdir, extra={"resolved": dict(
-        total_steps=total_steps, num_classes=num_classes,
+        total_steps=total_steps, num_classes=model.num_classes,
         image_size=list(image_size), num_channels=num_channels,
         model_kwargs=model_kwargs)})
 
-  # Evaluators.
-  evaluators = [(config.eval_steps, "", classification.from_config(
-      config, model, mesh))]
-  fewshot_steps = _fewshot_steps(config)
-  if fewshot_steps is not None:
-    from vit_jax.evaluators import fewshot  # pylint: disable=g-import-not-at-top
-    evaluators.append((fewshot_steps, "",
-                       fewshot.from_config(config.fewshot, model, mesh)))
+  # Evaluators, from config.evals.
+  def predict_fn(params, images, **kwargs):
+    return model.apply({"params": params}, images, train=False, **kwargs)
+
+  context = dict(
+      dataset=config.dataset, split=config.eval_split,
+      train_split=config.train_split, data_dir=config.get("data_dir"),
+      batch_size=eval_batch_size, image_size=image_size,
+      num_channels=num_channels, seed=int(config.seed), workdir=workdir,
+      log=log)
+  evaluators = []
+  for name, cfg in (config.get("evals") or {}).items():
+    if cfg is None or int(cfg.get("every", 0) or 0) < 0:
+      continue
+    every, evaluator = evaluators_lib.create(name, cfg, predict_fn, mesh,
+                                             context)
+    evaluators.append((name, every, evaluator))
 
   writer = metrics_lib.MetricWriter(workdir, total_steps, start_step,
                                     progress=config.get("progress", True))
 
   def evaluate(step, final=False):
     results = {}
-    for period, _, evaluator in evaluators:
-      if not (final or _every(step, period)):
+    for name, every, evaluator in evaluators:
+      if not (final or _every(step, every)):
         continue
-      results.update(evaluator.run(state["params"]))
+      trees = [("", state["params"])]
       if ema_decay:
-        results.update({f"ema/{k}": v
-                        for k, v in evaluator.run(state["ema"]).items()})
-    if results:
-      writer.write(step, results)
-      for prefix in ("", "ema/"):
-        acc = results.get(f"{prefix}eval/accuracy")
-        if acc is not None:
-          writer.print(
-              f"step {step}: {prefix}eval/accuracy={acc:.4f} "
-              f"({int(results[f'{prefix}eval/num_correct'])}/"
-              f"{int(results[f'{prefix}eval/num_examples'])}) "
-              f"{prefix}eval/loss={results[f'{prefix}eval/loss']:.4f}")
-      for k, v in sorted(results.items(), key=lambda kv: _natural(kv[0])):
-        if k.startswith("fewshot/") and k.endswith("shot"):
-          writer.print(f"step {step}: {k}={v:.4f}")
+        trees.append(("ema/", state["ema"]))
+      for prefix, params in trees:
+        out = {f"{prefix}{name}/{k}": v
+               for k, v in evaluator.run(params, step=step).items()}
+        writer.print(f"step {step}: {_format(out)}")
+        results.update(out)
+    writer.write(step, results)
     return results
 
   # Loop.
@@ -380,14 +377,11 @@ def train_and_evaluate(config, workdir, devices=None):
               elapsed, 1e-9)
           writer.write(step, row)
           window_start, window_steps = time.time(), 0
-      if last or any(_every(step, p) for p, _, _ in evaluators):
+      if last or any(_every(step, every) for _, every, _ in evaluators):
         results = evaluate(step, final=last)
       if save:
         ckpt.save(step, state, {"step": step,
                                 "data": data.get_state(train_iter)})
-      if step == config.get("debug_stop_after_step"):
-        ckpt.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
       if stopping and not last:
         ckpt.wait()
         name = signal.Signals(stop.signum).name if stop.signum else "signal"

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from vit_jax import npz
+from vit_jax import sizes
 from vit_jax.convert import core
 from vit_jax.convert import hf as hf_lib
 from vit_jax.convert import infer
@@ -123,13 +124,12 @@ def load_source(args):
     return params, cfg, labels, "hf"
   if os.path.isdir(src):
     from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    params, config = checkpoint.latest_params(src, use_ema=args.use_ema)
+    params, model, config = checkpoint.model_from_workdir(
+        src, use_ema=args.use_ema)
     params = npz.unflatten(npz.unstack_blocks(npz.flatten(params)))
-    fields = models.get_config(args.model or config.model_name)
-    fields.update(config.model.to_dict() if hasattr(config.model, "to_dict")
-                  else dict(config.model))
-    if "image_size" not in config.model and config.get("image_size"):
-      fields["image_size"] = config.image_size  # The training resolution.
+    fields = {k: getattr(model, k) for k in models.FIELDS}
+    if fields["resnet"] is not None:
+      fields["resnet"] = dict(fields["resnet"])
     fields.update(flags)
     inferred = infer.model_config(params, image_size=fields["image_size"],
                                   posemb=fields.get("posemb"), what=src)
@@ -150,7 +150,7 @@ def load_source(args):
 def check_params(params, cfg):
   """The parameters must be exactly those of the model the fields describe."""
   model = core.create(dict(core.full_config(cfg), scan=False))
-  h, w = core.pair(cfg["image_size"])
+  h, w = sizes.pair(cfg["image_size"])
   shapes = jax.eval_shape(
       lambda: model.init({"params": jax.random.PRNGKey(0)},
                          np.zeros((1, h, w, cfg["num_channels"]), np.float32)))["params"]

@@ -31,10 +31,6 @@ def create(cfg):
   return vit_lib.VisionTransformer(**full_config(cfg))
 
 
-def pair(value):
-  return vit_lib.pair(value)
-
-
 def grid(cfg):
   """Patch grid (h, w) of the model's image size."""
   return create(cfg).grid_size(cfg["image_size"])

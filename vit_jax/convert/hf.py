@@ -1,6 +1,6 @@
 """Hugging Face `transformers` ViT: export (config.json + model.safetensors) and import.
 
-Three classes can hold our models (design.md §5):
+Three classes can hold our models (docs/design.md §5):
   * `ViTForImageClassification`: token pooling with a head (`classifier`);
   * `ViTModel`: no head; with our representation layer as its tanh pooler, or
     without a pooler (load with `add_pooling_layer=False`);
@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from vit_jax import npz
+from vit_jax import sizes
 from vit_jax.convert import core
 
 CLASSIFICATION = "ViTForImageClassification"
@@ -60,7 +61,7 @@ def architecture(cfg):
           "HF ViTForMaskedImageModeling has a cls token hard-wired: a MIM model "
           f"with classifier={cfg['classifier']!r} cannot be expressed; keep the .npz")
     h, w = core.grid(cfg)
-    ph, pw = core.pair(cfg["patch_size"])
+    ph, pw = sizes.pair(cfg["patch_size"])
     if h != w or ph != pw:
       raise core.Unsupported(
           "HF ViTForMaskedImageModeling reshapes the tokens to a square grid: a "
@@ -90,7 +91,7 @@ def load_kwargs(cfg, arch):
 
 
 def _size(value):
-  h, w = core.pair(value)
+  h, w = sizes.pair(value)
   return h if h == w else [h, w]
 
 
@@ -99,7 +100,7 @@ def config_dict(cfg, arch, labels=None):
   act = cfg["hidden_act"]
   if act not in ACTS:
     raise core.Unsupported(f"hidden_act {act!r} has no HF equivalent")
-  stride = core.pair(cfg["patch_size"])[0]
+  stride = sizes.pair(cfg["patch_size"])[0]
   config = dict(
       architectures=[arch],
       model_type="vit",

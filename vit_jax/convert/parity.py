@@ -12,6 +12,7 @@ import numpy as np
 
 from vit_jax import losses
 from vit_jax import npz
+from vit_jax import sizes
 from vit_jax.convert import core
 from vit_jax.convert import hf as hf_lib
 from vit_jax.convert import timm as timm_lib
@@ -26,7 +27,7 @@ class ParityError(AssertionError):
 def inputs(cfg, batch=2, seed=0):
   """(images [B, H, W, C] in [-1, 1], bool_masked_pos [B, N]) as numpy."""
   rng = np.random.default_rng(seed)
-  h, w = core.pair(cfg["image_size"])
+  h, w = sizes.pair(cfg["image_size"])
   images = rng.uniform(-1, 1, (batch, h, w, cfg["num_channels"])).astype(np.float32)
   gh, gw = core.grid(cfg)
   mask = rng.random((batch, gh * gw)) < 0.4
@@ -105,7 +106,7 @@ def verify_hf(out_dir, params, cfg, arch=None, batch=2, seed=0, tol=TOL):
     with torch.no_grad():
       res = model(x, bool_masked_pos=torch.from_numpy(mask))
     diffs["reconstruction"] = _maxdiff(output, res.reconstruction.numpy().transpose(0, 2, 3, 1))
-    loss = losses.masked_l1(images, output, mask, core.pair(cfg["patch_size"]))
+    loss = losses.masked_l1(images, output, mask, sizes.pair(cfg["patch_size"]))
     diffs["loss"] = _maxdiff(loss, res.loss.numpy())
   else:
     output, out = ours(params, cfg, images)

@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 from vit_jax import npz
+from vit_jax import sizes
 from vit_jax.convert import core
 
 ACTS = {"gelu_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -54,7 +55,7 @@ def check(cfg):
 
 
 def _size(value):
-  h, w = core.pair(value)
+  h, w = sizes.pair(value)
   return h if h == w else [h, w]
 
 

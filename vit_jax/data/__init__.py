@@ -6,6 +6,10 @@
     state = data.get_state(it)                       # JSON string
     for batch in data.eval_batches(src_test, 32, (32, 32)):
       ...                                            # batch["mask"] marks padding
+
+Labels are int32 class indices, or float32 targets for sources with float
+labels such as "digits_value" or a folder with a labels.csv
+(`data.label_dtype(src)`; see `vit_jax.data.sources`).
 """
 
 from vit_jax.data.loader import eval_batches
@@ -23,4 +27,6 @@ from vit_jax.data.sources import DatasetNotPreparedError
 from vit_jax.data.sources import FolderSource
 from vit_jax.data.sources import TfdsSource
 from vit_jax.data.sources import digits_source
+from vit_jax.data.sources import digits_value_source
 from vit_jax.data.sources import get_source
+from vit_jax.data.sources import label_dtype

@@ -17,13 +17,21 @@ the global position in the sample stream: grain's `IndexSampler` gives record
 therefore continues with exactly the batches the interrupted one would have
 produced. Batch composition also depends on `worker_count` (grain batches
 within each worker), so resume with the same worker count.
+
+Labels keep their kind: class labels are int32, float labels (regression
+targets) float32. The dtype comes from the source's `label_dtype` attribute,
+or, for a source without one, from its first example's label (see
+`vit_jax.data.sources.label_dtype`).
 """
 
 from absl import flags
 import grain
 import numpy as np
 
+from vit_jax import sizes
+
 from vit_jax.data import preprocess
+from vit_jax.data import sources
 
 
 def local_batch_size(global_batch_size, process_count):
@@ -45,23 +53,25 @@ def _sampler_seed(seed):
 class _TrainTransform(grain.transforms.RandomMap):
   """Random training preprocessing of one example."""
 
-  def __init__(self, **options):
+  def __init__(self, label_dtype=np.int32, **options):
+    self.label_type = np.dtype(label_dtype).type
     self.options = options
 
   def random_map(self, element, rng):
     image = preprocess.train_image(element["image"], rng, **self.options)
-    return {"image": image, "label": np.int32(element["label"])}
+    return {"image": image, "label": self.label_type(element["label"])}
 
 
 class _EvalTransform(grain.transforms.Map):
   """Deterministic evaluation preprocessing of one example."""
 
-  def __init__(self, **options):
+  def __init__(self, label_dtype=np.int32, **options):
+    self.label_type = np.dtype(label_dtype).type
     self.options = options
 
   def map(self, element):
     image = preprocess.eval_image(element["image"], **self.options)
-    return {"image": image, "label": np.int32(element["label"])}
+    return {"image": image, "label": self.label_type(element["label"])}
 
 
 def train_loader(source, global_batch_size, image_size, seed=0,
@@ -98,7 +108,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
 
   Returns:
     A `grain.DataLoader`; `iter()` of it yields {"image": float32
-    [local_B, h, w, C] in [-1, 1], "label": int32 [local_B]}.
+    [local_B, h, w, C] in [-1, 1], "label": int32 [local_B]} (float32
+    labels for a source with float labels, see the module doc).
   """
   batch = local_batch_size(global_batch_size, process_count)
   if not 0 <= process_index < process_count:
@@ -117,7 +128,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
       num_records=len(source), shard_options=grain.sharding.NoSharding(),
       shuffle=shuffle, num_epochs=num_epochs, seed=_sampler_seed(seed))
   transform = _TrainTransform(
-      image_size=preprocess.as_size(image_size),
+      label_dtype=sources.label_dtype(source),
+      image_size=sizes.pair(image_size, "image_size"),
       inception_crop=inception_crop, crop_area=tuple(crop_area),
       aspect_ratio=tuple(aspect_ratio), flip=flip, num_channels=num_channels)
   return grain.DataLoader(
@@ -172,13 +184,16 @@ def eval_batches(source, global_batch_size, image_size, process_index=0,
 
   Yields:
     {"image": float32 [local_B, h, w, C], "label": int32 [local_B],
-     "mask": bool [local_B]}.
+     "mask": bool [local_B]}; labels are float32 for a source with float
+    labels (see the module doc), and 0 on padding.
   """
   batch = local_batch_size(global_batch_size, process_count)
-  size = preprocess.as_size(image_size)
+  size = sizes.pair(image_size, "image_size")
   start, stop = eval_range(len(source), process_index, process_count)
   total = num_eval_batches(len(source), global_batch_size, process_count)
-  transform = _EvalTransform(image_size=size, num_channels=num_channels,
+  label_dtype = sources.label_dtype(source)
+  transform = _EvalTransform(label_dtype=label_dtype, image_size=size,
+                             num_channels=num_channels,
                              crop_fraction=crop_fraction)
   examples = iter(())
   if stop > start:
@@ -196,7 +211,7 @@ def eval_batches(source, global_batch_size, image_size, process_index=0,
                        np.asarray(source[0]["image"]), None).shape[-1]))
       shape = (batch, *size, channels)
     images = np.zeros(shape, np.float32)
-    labels = np.zeros((batch,), np.int32)
+    labels = np.zeros((batch,), label_dtype)
     mask = np.zeros((batch,), bool)
     for i, example in enumerate(chunk):
       images[i] = example["image"]

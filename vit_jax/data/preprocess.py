@@ -11,17 +11,11 @@ import math
 import numpy as np
 import PIL.Image
 
+from vit_jax.sizes import pair
+
 DEFAULT_CROP_AREA = (0.05, 1.0)
 DEFAULT_ASPECT_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
-
-
-def as_size(image_size):
-  """Returns (height, width) from an int or a pair."""
-  if isinstance(image_size, int):
-    return (image_size, image_size)
-  height, width = image_size
-  return (int(height), int(width))
 
 
 def to_channels(image, num_channels):
@@ -130,7 +124,7 @@ def train_image(image, rng, image_size, inception_crop=True,
                 aspect_ratio=DEFAULT_ASPECT_RATIO, flip=True,
                 num_channels=None):
   """Training preprocessing of one uint8 image; returns float32 [h, w, C]."""
-  size = as_size(image_size)
+  size = pair(image_size, "image_size")
   image = to_channels(np.asarray(image), num_channels)
   height, width = image.shape[:2]
   if inception_crop:
@@ -145,7 +139,7 @@ def train_image(image, rng, image_size, inception_crop=True,
 
 def eval_image(image, image_size, num_channels=None, crop_fraction=1.0):
   """Evaluation preprocessing of one uint8 image; returns float32 [h, w, C]."""
-  size = as_size(image_size)
+  size = pair(image_size, "image_size")
   image = to_channels(np.asarray(image), num_channels)
   box = central_crop_box(image.shape[0], image.shape[1], size, crop_fraction)
   return normalize(crop_and_resize(image, box, size))

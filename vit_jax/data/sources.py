@@ -1,22 +1,39 @@
 """Random-access image sources: bundled digits, image folders, tfds datasets.
 
-Every source is a sequence of examples `{"image": uint8 [H, W, C], "label": int}`
-with `num_classes`, `class_names` and `num_channels` (C, or None when
-unknown) attributes. Sources are plain
-random-access objects (`len`, `__getitem__`), which is what grain reads.
+Every source is a sequence of examples `{"image": uint8 [H, W, C], "label"}`
+with `num_classes`, `class_names`, `num_channels` (C, or None when unknown)
+and `label_dtype` attributes. Sources are plain random-access objects (`len`,
+`__getitem__`), which is what grain reads.
+
+Labels are either class indices (`label` an int, `label_dtype` int32,
+`num_classes` the class count) or float targets for regression (`label` a
+float, `label_dtype` float32, `num_classes` None and `class_names` None).
+`label_dtype` is the dtype of the labels in the batches of `vit_jax.data`'s
+loaders; a source without the attribute gets the dtype of its first example's
+label (floating: float32, otherwise int32; see `label_dtype`).
 
 Dataset names understood by `get_source`:
 
 - `"digits"`: scikit-learn's 8x8 handwritten digits (1797 images, 10
   classes) with a fixed stratified 80/20 split: "train" (1437) and "test"
   (360). Pixel values 0..16 are mapped to uint8 0..255, shape [8, 8, 1].
-- `"folder:/abs/path"`: images in `root/<split>/<class>/*.{jpg,jpeg,png}`.
+  Splits may be sliced as in tfds: "train[:10%]", "train[:144]".
+- `"digits_value"`: a regression demo: the same images and split as
+  `"digits"`, label = the digit's value as a float (0.0 .. 9.0),
+  `num_classes` None.
+- `"folder:/abs/path"`: images in `root/<split>/<class>/*.{jpg,jpeg,png}`
+  (class labels), or, when `root/<split>/labels.csv` exists, the images it
+  lists with float labels: a header `filename,label`, filenames relative to
+  `root/<split>/` (subfolders allowed), one image per row in that order.
 - `"tfds:name"` or a plain tfds name such as `"cifar10"`: read with
   `tfds.data_source` from array_record files in `data_dir`.
 """
 
+import csv
 import importlib.util
+import math
 import os
+import re
 
 import numpy as np
 import PIL.Image
@@ -28,20 +45,62 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MODE_SAMPLE = 64
 
 
+INT_LABELS = np.dtype(np.int32)
+FLOAT_LABELS = np.dtype(np.float32)
+LABELS_CSV = "labels.csv"
+
+
 class DatasetNotPreparedError(FileNotFoundError):
   """A tfds dataset is not prepared in data_dir and cannot be built here."""
 
 
-class ArraySource:
-  """In-memory source over uint8 images [N, H, W, C] and integer labels."""
+def _labels_dtype(dtype):
+  """Batch label dtype for labels of numpy `dtype`: float32 or int32."""
+  return FLOAT_LABELS if np.issubdtype(dtype, np.floating) else INT_LABELS
 
-  def __init__(self, images, labels, num_classes, class_names=None, name=""):
+
+def label_dtype(source):
+  """The dtype of a source's labels in batches: int32 or float32.
+
+  The source's `label_dtype` attribute when it has one, otherwise decided by
+  its first example's label: floating (float, np.float32, ...) gives float32,
+  anything else int32.
+  """
+  dtype = getattr(source, "label_dtype", None)
+  if dtype is not None:
+    return _labels_dtype(np.dtype(dtype))
+  if not len(source):
+    return INT_LABELS
+  return _labels_dtype(np.asarray(source[0]["label"]).dtype)
+
+
+def _label_value(label, dtype):
+  return float(label) if dtype == FLOAT_LABELS else int(label)
+
+
+class ArraySource:
+  """In-memory source over uint8 images [N, H, W, C] and labels.
+
+  Integer labels (class indices) are stored as int64; float labels
+  (regression targets) as float32, with `num_classes` None (or 0).
+  `label_dtype` (int32 or float32) defaults to what the labels' dtype is:
+  pass it to read e.g. float-typed class indices as classes.
+  """
+
+  def __init__(self, images, labels, num_classes=None, class_names=None,
+               name="", label_dtype=None):  # pylint: disable=redefined-outer-name
     if len(images) != len(labels):
       raise ValueError(
           f"got {len(images)} images but {len(labels)} labels")
+    labels = np.asarray(labels)
+    self.label_dtype = _labels_dtype(
+        labels.dtype if label_dtype is None else np.dtype(label_dtype))
     self.images = np.asarray(images, np.uint8)
-    self.labels = np.asarray(labels, np.int64)
-    self.num_classes = int(num_classes)
+    if self.label_dtype == FLOAT_LABELS:
+      self.labels = labels.astype(np.float32)
+    else:
+      self.labels = labels.astype(np.int64)
+    self.num_classes = None if num_classes is None else int(num_classes)
     self.class_names = class_names
     self.name = name
     self.num_channels = self.images.shape[-1] if self.images.ndim == 4 else None
@@ -50,7 +109,8 @@ class ArraySource:
     return len(self.labels)
 
   def __getitem__(self, index):
-    return {"image": self.images[index], "label": int(self.labels[index])}
+    return {"image": self.images[index],
+            "label": _label_value(self.labels[index], self.label_dtype)}
 
   def __repr__(self):
     # Stable across runs: grain stores it in the iterator state to validate it.
@@ -68,19 +128,68 @@ def digits_split_indices():
   return np.sort(train), np.sort(test)
 
 
-def digits_source(split):
-  """The bundled digits dataset, split "train" (1437) or "test" (360)."""
+_SLICE = re.compile(r"^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$")
+
+
+def split_slice(split, sizes_by_split):
+  """"train[:10%]" -> ("train", slice): tfds-style slicing of a named split.
+
+  Bounds are example counts or percentages (rounded to the nearest
+  example), either may be empty or negative: "train[:144]", "train[10%:]",
+  "test[-50:]". A plain name gives the whole split.
+  """
+  m = _SLICE.match(split)
+  base = m.group(1) if m else split
+  if base not in sizes_by_split:
+    raise ValueError(f"unknown split {split!r}: use one of "
+                     f"{', '.join(sizes_by_split)}, optionally sliced as "
+                     f"{list(sizes_by_split)[0]}[:10%] or [100:200]")
+  n = sizes_by_split[base]
+
+  def bound(text, percent):
+    if not text:
+      return None
+    value = int(text)
+    return int(math.floor(value * n / 100 + 0.5)) if percent else value
+
+  if not m:
+    return base, slice(None)
+  return base, slice(bound(m.group(2), m.group(3)),
+                     bound(m.group(4), m.group(5)))
+
+
+def _digits(dataset, split):
+  """(images uint8 [n, 8, 8, 1], int labels [n]) of a split of the digits.
+
+  `split` is "train" or "test", optionally sliced ("train[:10%]").
+  """
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
-  if split not in ("train", "test"):
-    raise ValueError(
-        f'unknown split {split!r} for dataset "digits": use "train" or "test"')
+  train, test = digits_split_indices()
+  try:
+    base, part = split_slice(split, {"train": len(train), "test": len(test)})
+  except ValueError as e:
+    raise ValueError(f"dataset \"{dataset}\": {e}") from None
+  index = (train if base == "train" else test)[part]
+  if not len(index):
+    raise ValueError(f"split {split!r} of dataset \"{dataset}\" is empty")
   digits = sklearn.datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  train, test = digits_split_indices()
-  index = train if split == "train" else test
-  return ArraySource(images[index], digits.target[index], num_classes=10,
+  return images[index], digits.target[index]
+
+
+def digits_source(split):
+  """The bundled digits dataset, split "train" (1437) or "test" (360)."""
+  images, labels = _digits("digits", split)
+  return ArraySource(images, labels, num_classes=10,
                      class_names=[str(i) for i in range(10)],
                      name=f"digits:{split}")
+
+
+def digits_value_source(split):
+  """Regression demo: the digits images with the digit's value as float32."""
+  images, labels = _digits("digits_value", split)
+  return ArraySource(images, labels.astype(np.float32), num_classes=None,
+                     name=f"digits_value:{split}")
 
 
 def _is_grayscale(mode):
@@ -106,11 +215,68 @@ def _decode(path, mode):
   return array[..., None] if array.ndim == 2 else array
 
 
-class FolderSource:
-  """Images in `root/<split>/<class>/*.{jpg,jpeg,png}`, decoded with PIL.
+def _read_labels_csv(split_dir):
+  """(files, float32 labels) listed in `split_dir/labels.csv`, in CSV order."""
+  path = os.path.join(split_dir, LABELS_CSV)
+  files, labels = [], []
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.reader(f)
+    header = [h.strip().lower() for h in next(reader, [])]
+    missing = [c for c in ("filename", "label") if c not in header]
+    if missing:
+      raise ValueError(
+          f"{path} line 1: the header {header} lacks the column(s) {missing}: "
+          "the first line must name the columns filename and label")
+    file_col, label_col = header.index("filename"), header.index("label")
+    for row in reader:
+      line = reader.line_num
+      if not any(field.strip() for field in row):
+        continue  # blank line
+      if len(row) <= max(file_col, label_col):
+        raise ValueError(
+            f"{path} line {line}: expected the columns {header}, got {row}")
+      name, value = row[file_col].strip(), row[label_col].strip()
+      try:
+        label = float(value)
+      except ValueError:
+        label = None
+      if label is None or not np.isfinite(label):
+        raise ValueError(
+            f"{path} line {line}: label {value!r} of {name!r} is not a "
+            "finite float number: fix the label")
+      if not name or os.path.isabs(name):
+        raise ValueError(
+            f"{path} line {line}: filename {name!r} must be a path relative "
+            f"to {split_dir}")
+      file = os.path.join(split_dir, name)
+      if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{path} line {line}: image {name!r} does not exist ({file}): "
+            "fix the filename or remove the row")
+      files.append(file)
+      labels.append(label)
+  if not files:
+    raise ValueError(f"{path} lists no images: add rows `filename,label`")
+  return files, np.asarray(labels, np.float32)
 
-  Class names are the sorted subdirectory names of `root/<split>` and labels
-  their index. Images are converted to one mode for the whole folder: with
+
+class FolderSource:
+  """Images in an image folder, decoded with PIL.
+
+  Two layouts, decided per split:
+
+  - `root/<split>/<class>/*.{jpg,jpeg,png}` (class labels): class names are
+    the sorted subdirectory names of `root/<split>` (or `class_names`) and
+    labels their index; `label_dtype` int32.
+  - `root/<split>/labels.csv` (float labels, for regression) when that file
+    exists: a CSV with a header naming the columns `filename` and `label`
+    (other columns are ignored); each row is one image, `filename` relative
+    to `root/<split>/` (may be in subfolders), `label` a float. The images
+    are those listed, in CSV order; `num_classes` and `class_names` are
+    None and `label_dtype` float32. A missing image, a label that is not a
+    finite float or a missing column is an error naming the CSV and line.
+
+  Images are converted to one mode for the whole folder: with
   `num_channels=None`, grayscale ("L", 1 channel) when every inspected file is
   grayscale (up to 64 files spread over the folder are inspected), RGB
   (3 channels) otherwise; `num_channels=1` or `3` forces it. Transparent
@@ -123,7 +289,7 @@ class FolderSource:
     if not os.path.isdir(self.root):
       raise FileNotFoundError(
           f"image folder {self.root} does not exist: expected "
-          "root/<split>/<class>/*.jpg|jpeg|png")
+          f"root/<split>/<class>/*.jpg|jpeg|png or root/<split>/{LABELS_CSV}")
     split_dir = os.path.join(self.root, split)
     if not os.path.isdir(split_dir):
       found = sorted(d for d in os.listdir(self.root)
@@ -131,12 +297,34 @@ class FolderSource:
       raise FileNotFoundError(
           f"image folder {self.root} has no split directory {split!r}; "
           f"found splits {found}")
+    if num_channels not in (None, 1, 3):
+      raise ValueError(f"num_channels must be None, 1 or 3, got {num_channels}")
+    if os.path.isfile(os.path.join(split_dir, LABELS_CSV)):
+      if class_names is not None:
+        raise ValueError(
+            f"class_names do not apply to {split_dir}, whose {LABELS_CSV} "
+            "gives float labels: remove class_names (or the CSV)")
+      self.files, self.labels = _read_labels_csv(split_dir)
+      self.class_names = None
+      self.num_classes = None
+      self.label_dtype = FLOAT_LABELS
+    else:
+      self._read_class_dirs(split_dir, class_names)
+      self.label_dtype = INT_LABELS
+    if num_channels is None:
+      num_channels = self._dominant_channels()
+    self.num_channels = num_channels
+    self.mode = "L" if num_channels == 1 else "RGB"
+
+  def _read_class_dirs(self, split_dir, class_names):
+    """Files and int labels of the `<class>/` subdirectories of a split."""
     names = sorted(d for d in os.listdir(split_dir)
                    if os.path.isdir(os.path.join(split_dir, d)))
     if not names:
       raise ValueError(
           f"{split_dir} has no class subdirectories: expected "
-          f"{split_dir}/<class>/*.jpg|jpeg|png")
+          f"{split_dir}/<class>/*.jpg|jpeg|png (or a {LABELS_CSV} with "
+          "float labels)")
     if class_names is not None:
       unknown = sorted(set(names) - set(class_names))
       if unknown:
@@ -161,12 +349,6 @@ class FolderSource:
     self.labels = np.asarray(labels, np.int64)
     self.class_names = names
     self.num_classes = len(names)
-    if num_channels not in (None, 1, 3):
-      raise ValueError(f"num_channels must be None, 1 or 3, got {num_channels}")
-    if num_channels is None:
-      num_channels = self._dominant_channels()
-    self.num_channels = num_channels
-    self.mode = "L" if num_channels == 1 else "RGB"
 
   def _dominant_channels(self):
     step = max(1, len(self.files) // _MODE_SAMPLE)
@@ -181,7 +363,7 @@ class FolderSource:
 
   def __getitem__(self, index):
     return {"image": _decode(self.files[index], self.mode),
-            "label": int(self.labels[index])}
+            "label": _label_value(self.labels[index], self.label_dtype)}
 
   def __repr__(self):
     return (f"FolderSource(root={self.root!r}, split={self.split!r}, "
@@ -214,6 +396,17 @@ def _prepared_builder(name, data_dir):
   return builder
 
 
+def _tfds_label_dtype(feature):
+  """int32 for class labels (ClassLabel, ints), float32 for float features."""
+  if getattr(feature, "num_classes", None):
+    return INT_LABELS
+  try:
+    # `np_dtype`, not `dtype`: the latter needs TensorFlow.
+    return _labels_dtype(np.dtype(feature.np_dtype))
+  except (AttributeError, TypeError):
+    return INT_LABELS
+
+
 class TfdsSource:
   """A tfds dataset read with `tfds.data_source` (array_record, no TF)."""
 
@@ -238,6 +431,7 @@ class TfdsSource:
     self.num_classes = getattr(label, "num_classes", None)
     names = getattr(label, "names", None)
     self.class_names = list(names) if names else None
+    self.label_dtype = _tfds_label_dtype(label)
     try:
       self._source = tfds.data_source(
           name, split=split, data_dir=data_dir, download=False)
@@ -255,7 +449,8 @@ class TfdsSource:
     image = np.asarray(example[self.image_key])
     if image.ndim == 2:
       image = image[..., None]
-    return {"image": image, "label": int(example[self.label_key])}
+    return {"image": image,
+            "label": _label_value(example[self.label_key], self.label_dtype)}
 
   def __repr__(self):
     return (f"TfdsSource(name={self.name!r}, split={self.split!r}, "
@@ -266,16 +461,18 @@ def get_source(name, split, data_dir=None, **kwargs):
   """Returns the source for dataset `name` and `split`.
 
   Args:
-    name: "digits", "folder:/abs/path", "tfds:name" or a plain tfds name.
+    name: "digits", "digits_value", "folder:/abs/path", "tfds:name" or a
+      plain tfds name (see the module doc).
     split: split name; tfds accepts slicing such as "train[:90%]".
     data_dir: tfds data directory (tfds datasets only).
     **kwargs: `num_channels`, `class_names` for folders; `image_key`,
       `label_key` for tfds.
   """
-  if name == "digits":
+  if name in ("digits", "digits_value"):
     if kwargs:
-      raise ValueError(f"digits takes no options, got {sorted(kwargs)}")
-    return digits_source(split)
+      raise ValueError(f"{name} takes no options, got {sorted(kwargs)}")
+    return digits_source(split) if name == "digits" else digits_value_source(
+        split)
   if name.startswith("folder:"):
     return FolderSource(name[len("folder:"):], split, **kwargs)
   if name.startswith("tfds:"):

@@ -19,7 +19,7 @@ For each dataset `(name, source, train_split, test_split)` of the config:
    error, ties by squared error) over `l2_regs`; the paper's fixed L2 = 2^10
    is reported beside it.
 
-`run(params)` returns `{"fewshot/<dataset>/<n>shot": mean accuracy with the
+`run(params)` returns `{"<dataset>/<n>shot": mean accuracy with the
 leave-one-out L2, ..._std, ..._fixed_l2 (mean accuracy at the fixed L2),
 ..._fixed_l2_std, ..._l2 (median chosen L2)}`; `report(params)` the full
 per-seed results (what `python -m vit_jax.fewshot` writes to fewshot.json).
@@ -28,17 +28,17 @@ Standard deviations are over seeds (ddof=1; 0 for a single seed).
 
 import functools
 import math
-import sys
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-import tqdm
 
 from vit_jax import data
 from vit_jax import sharding
+from vit_jax import sizes
+from vit_jax.evaluators import common
 from vit_jax.evaluators import ridge
 
 PIXELS = "pixels"
@@ -55,35 +55,15 @@ def default_config():
       l2_regs=ridge.L2_GRID,   # Searched by leave-one-out: 2^-10 .. 2^20.
       fixed_l2=ridge.FIXED_L2,  # Reported beside: 2^10 (added to the grid).
       representation="pre_logits",  # A key of the model's `out`, or "pixels".
-      image_size=None,     # None: the model's (pixels: the source's).
+      image_size=None,     # Needed with a model (the training loop gives its
+                           # own); pixels: None keeps the source's.
       num_channels=None,   # None: the source's.
       batch_size=256,      # Global; a multiple of the "data" devices.
       eps=1e-5,            # Whitening: divide by std + eps.
       bias=1.0,            # Bias column, penalised like the features.
       progress_min_batches=20,  # Progress bar for sets with more batches.
-      prefix="fewshot/",
-      log_steps=0,         # Period during training (0: only at the end).
+      prefix="",           # Before "<dataset>/<n>shot" in `run`'s keys.
   ))
-
-
-class _Subset:
-  """The examples `indices` of a source, in that order."""
-
-  def __init__(self, source, indices):
-    self.source = source
-    self.indices = np.asarray(indices, np.int64)
-    self.num_classes = source.num_classes
-    self.class_names = getattr(source, "class_names", None)
-    self.num_channels = getattr(source, "num_channels", None)
-
-  def __len__(self):
-    return len(self.indices)
-
-  def __getitem__(self, i):
-    return self.source[int(self.indices[i])]
-
-  def __repr__(self):
-    return f"Subset({self.source!r}, {len(self)})"
 
 
 def sample(labels, num_classes, shots, seeds):
@@ -121,13 +101,21 @@ def _std(x):
   return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
 
-class FewShotEvaluator:
-  """Few-shot linear evaluation on several datasets."""
+class Evaluator:
+  """Few-shot linear evaluation on several datasets.
 
-  def __init__(self, model, mesh, config, log=print):
-    self.model = model
+  `Evaluator(predict_fn, mesh, **fields)` with the fields of
+  `default_config()` (missing ones take its defaults); `predict_fn` may be
+  None for `representation="pixels"`.
+  """
+
+  def __init__(self, predict_fn, mesh, log=print, image_size=None,
+               num_channels=None, data_dir=None, **fields):
+    self.predict_fn = predict_fn
     self.mesh = mesh
-    self.config = c = config
+    self.config = c = resolve_config(dict(
+        fields, image_size=image_size, num_channels=num_channels,
+        data_dir=data_dir))
     self.log = log
     self.representation = c.representation
     self.shots = tuple(int(n) for n in c.shots)
@@ -146,10 +134,11 @@ class FewShotEvaluator:
           f"fewshot batch_size={self.batch_size} is not divisible by the "
           f"{n_data} devices of the 'data' mesh axis and the "
           f"{jax.process_count()} processes: use a multiple of {multiple}")
-    if self.representation == PIXELS or model is None:
-      self.image_size = c.get("image_size")
-    else:
-      self.image_size = c.get("image_size") or model.image_size
+    self.image_size = c.get("image_size")
+    if self.representation != PIXELS and (predict_fn is None or
+                                          self.image_size is None):
+      raise ValueError(f"few-shot on representation {self.representation!r} "
+                       "needs a model and its image_size")
     self.datasets = []
     for entry in c.datasets:
       if len(entry) != 4:
@@ -175,8 +164,8 @@ class FewShotEvaluator:
     if rep == PIXELS:
       x = images
     else:
-      _, out = self.model.apply(
-          {"params": params}, images, train=False,
+      _, out = self.predict_fn(
+          params, images,
           output_hidden_states=rep.startswith("block") or rep == "embeddings",
           output_attentions=rep.endswith("/attention"))
       if rep not in out:
@@ -188,32 +177,19 @@ class FewShotEvaluator:
 
   def _image_size(self, source):
     if self.image_size is not None:
-      size = self.image_size
-      return (size, size) if isinstance(size, int) else tuple(size)
+      return sizes.pair(self.image_size, "image_size")
     return tuple(np.asarray(source[0]["image"]).shape[:2])
 
   def features(self, params, source, desc=""):
     """Features [N, F] and labels [N] of every example, in source order."""
     if not len(source):
       raise ValueError(f"fewshot {desc or source!r}: the split is empty")
-    pi, pc = jax.process_index(), jax.process_count()
-    local_b = data.local_batch_size(self.batch_size, pc)
-    start, _ = data.eval_range(len(source), pi, pc)
-    total = data.num_eval_batches(len(source), self.batch_size, pc)
-    batches = data.eval_batches(
-        source, global_batch_size=self.batch_size,
-        image_size=self._image_size(source), process_index=pi,
-        process_count=pc, num_channels=self.config.get("num_channels"))
-    show = pi == 0 and total > int(self.config.get("progress_min_batches",
-                                                   20))
     parts = []
-    for j, batch in enumerate(tqdm.tqdm(
-        batches, total=total, desc=desc, disable=not show, leave=False,
-        file=sys.stderr)):
-      index = (start + j * local_b + np.arange(local_b)).astype(np.int32)
-      g = sharding.to_global({"image": batch["image"],
-                              "label": batch["label"], "mask": batch["mask"],
-                              "index": index}, self.mesh)
+    for g in common.global_batches(
+        source, self.mesh, self.batch_size, self._image_size(source),
+        self.config.get("num_channels"), desc=desc,
+        progress_min_batches=int(self.config.get("progress_min_batches",
+                                                 20))):
       g["x"] = self._features_jit(params, g.pop("image"))
       host = sharding.to_numpy(g)
       keep = host["mask"]
@@ -249,7 +225,7 @@ class FewShotEvaluator:
                                      self.seeds)
       rows, counts = self._samples[name]
       needed = np.unique(np.concatenate([r.ravel() for r in rows.values()]))
-      x, _ = self._cached(params, ("train", name), _Subset(source, needed),
+      x, _ = self._cached(params, ("train", name), common.Subset(source, needed),
                           f"{name} train")
       position = np.zeros(len(source), np.int64)
       position[needed] = np.arange(len(needed))
@@ -318,13 +294,14 @@ class FewShotEvaluator:
         }
     return results
 
-  def run(self, params):
+  def run(self, params, step=None):
     """Flat metrics for the training loop (see the module docstring)."""
-    return metrics(self.report(params), self.config.get("prefix", "fewshot/"))
+    del step
+    return metrics(self.report(params), self.config.get("prefix", ""))
 
 
-def metrics(report, prefix="fewshot/"):
-  """Flattens `FewShotEvaluator.report` into `{prefix<dataset>/<n>shot...}`."""
+def metrics(report, prefix=""):
+  """Flattens `Evaluator.report` into `{prefix<dataset>/<n>shot...}`."""
   out = {}
   for name, per_shots in report.items():
     for n, r in per_shots.items():
@@ -344,14 +321,10 @@ def resolve_config(config=None):
       config.to_dict() if isinstance(config, ml_collections.ConfigDict)
       else dict(config))
   if "num_seeds" in given and "seeds" not in given:
-    given["seeds"] = tuple(range(int(given["num_seeds"])))
-  d.update(given)
+    given["seeds"] = tuple(range(int(given.pop("num_seeds"))))
+  unknown = sorted(set(given) - set(d) - {"num_seeds"})
+  if unknown:
+    raise ValueError(f"unknown few-shot field(s) {unknown}: the fields are "
+                     f"{sorted(d)}")
+  d.update({k: v for k, v in given.items() if k != "num_seeds"})
   return ml_collections.ConfigDict(d)
-
-
-def from_config(config, model, mesh):
-  """The few-shot evaluator of `config` (the run config's `fewshot` field).
-
-  Missing fields take the values of `default_config()`.
-  """
-  return FewShotEvaluator(model, mesh, resolve_config(config))

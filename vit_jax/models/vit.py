@@ -2,19 +2,20 @@
 encoder, pooling and heads.
 
 Module names reproduce the parameter tree of the published ViT checkpoints
-(see the design notes): `embedding`, `cls`, `Transformer/posembed_input`,
+(docs/design.md §3): `embedding`, `cls`, `Transformer/posembed_input`,
 `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
 LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `pre_logits`, `head`.
 Additions sit beside them: `mask_token`, `MAPHead_0`, `decoder` and the
 hybrid ResNet stem (`conv_root`, `gn_root`, `block{j}/unit{k}`).
 
 `VisionTransformer.__call__` returns `(output, out)`, `out` a dict of named
-intermediates: "stem", "encoded", "pre_logits", "logits", and on request
+intermediates: "stem", "encoded", "patch_mean" (the mean of the encoded
+patch tokens, without the cls token), "pre_logits", "logits", and on request
 "embeddings", "block{i}" and "block{i}/attention"; "reconstruction" with a
 decoder.
 """
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -24,23 +25,14 @@ import numpy as np
 
 from vit_jax import posemb as posemb_lib
 from vit_jax.models import resnet as resnet_lib
+from vit_jax.sizes import IntOrPair
+from vit_jax.sizes import pair
 
 Dtype = Any
-IntOrPair = Union[int, Sequence[int]]
 
 CLASSIFIERS = ("token", "gap", "map", "unpooled")
 POSEMBS = ("learn", "sincos2d", "sincos1d", "none")
 ACTIVATIONS = ("gelu_tanh", "gelu")
-
-
-def pair(value: IntOrPair, what: str = "size") -> Tuple[int, int]:
-  """Returns (h, w) from an int or a 2-sequence."""
-  if isinstance(value, (int, np.integer)):
-    return (int(value), int(value))
-  value = tuple(int(v) for v in value)
-  if len(value) != 2:
-    raise ValueError(f"{what} must be an int or (height, width), got {value}")
-  return value
 
 
 def activation(name: str):
@@ -590,6 +582,7 @@ class VisionTransformer(nn.Module):
             output_hidden_states=output_hidden_states)
     out.update(encoder_out)
     out["encoded"] = x
+    out["patch_mean"] = jnp.mean(x[:, self.num_prefix_tokens:], axis=1)
 
     x = self._pool(x, dtype, param_dtype)
     if self.representation_size is not None:

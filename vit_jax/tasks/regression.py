@@ -1,0 +1,21 @@
+"""Regression: float targets, one output, mean squared error.
+
+The source's `label` is the target (a float; see `vit_jax.data` for sources
+with float labels). The model has `num_classes=1` outputs and no
+representation layer unless the config adds one.
+"""
+
+from vit_jax import losses
+
+
+class Task:
+  """MSE of the model's single output against float targets."""
+
+  def __init__(self, config, source):
+    del config, source
+    self.model_fields = dict(num_classes=1)
+
+  def loss(self, model, params, batch, rngs):
+    output, _ = model.apply({"params": params}, batch["image"], train=True,
+                            rngs={"dropout": rngs["dropout"]})
+    return losses.mse(output, batch["label"]), {}
