@@ -60,3 +60,37 @@ def make_image_folder(root, classes=("cat", "dog", "fish"), splits=None,
         pil.save(os.path.join(directory, f"{split}_{name}_{i:03d}.{ext}"))
         count += 1
   return str(root)
+
+
+def truncate(path, fraction=0.5):
+  """Cuts the file at `path` to `fraction` of its bytes (a damaged image)."""
+  with open(path, "rb") as f:
+    content = f.read()
+  with open(path, "wb") as f:
+    f.write(content[:int(len(content) * fraction)])
+  return str(path)
+
+
+def write_not_an_image(path):
+  """Writes a text file at `path` (e.g. named x.jpg): not an image."""
+  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("this is not an image\n")
+  return str(path)
+
+
+def damage(root, split="train", classes=("cat", "dog", "fish")):
+  """Damages two files of a folder from `make_image_folder`, keeping its count.
+
+  Truncates the first image of the first class to half its bytes, and
+  replaces the last image of the last class by a text file named `x.jpg`.
+
+  Returns:
+    The two damaged paths, sorted.
+  """
+  first = os.path.join(str(root), split, classes[0])
+  truncated = truncate(os.path.join(first, sorted(os.listdir(first))[0]))
+  last = os.path.join(str(root), split, classes[-1])
+  os.remove(os.path.join(last, sorted(os.listdir(last))[-1]))
+  text = write_not_an_image(os.path.join(last, "x.jpg"))
+  return sorted([truncated, text])

@@ -1,6 +1,7 @@
 """Every config loads, validates its arguments and has a runlocal form."""
 
 import importlib.util
+import re
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from vit_jax import config_utils
 from vit_jax import errors
 from vit_jax import models
+from vit_jax import sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +112,6 @@ FIELD_VALUES = {
 @pytest.mark.parametrize("field", models.FIELDS)
 def test_every_model_field_is_a_config_field(field, tmp_path, monkeypatch):
   from vit_jax import main  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(ROOT)
   text, want = FIELD_VALUES[field]
   prefix = "" if field in config_utils.DATA_FIELDS else "model."
@@ -122,7 +123,7 @@ def test_every_model_field_is_a_config_field(field, tmp_path, monkeypatch):
   assert message is None, message
   config = main._CONFIG.value  # pylint: disable=protected-access
   if field == "image_size":
-    assert train._image_size(config) == want  # pylint: disable=protected-access
+    assert sizes.pair(config.image_size) == want
     return
   if field == "num_channels":
     assert config.num_channels == want
@@ -139,12 +140,11 @@ def test_every_model_field_is_a_config_field(field, tmp_path, monkeypatch):
 
 def test_image_size_given_as_an_int(tmp_path, monkeypatch):
   from vit_jax import main  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(ROOT)
   assert main._parse([  # pylint: disable=protected-access
       "main", "--config=configs/digits.py", f"--workdir={tmp_path}",
       "--config.image_size=24"]) is None
-  assert train._image_size(main._CONFIG.value) == (24, 24)  # pylint: disable=protected-access
+  assert sizes.pair(main._CONFIG.value.image_size) == (24, 24)  # pylint: disable=protected-access
 
 
 def test_simmim_config():
@@ -160,3 +160,30 @@ def test_simmim_config():
   assert module.get_config("digits,runlocal").total_steps < digits.total_steps
   with pytest.raises(errors.Error, match="unknown variant"):
     module.get_config("Q/3,imagenet2012")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "--config.batch_size=0 is invalid"),
+    ("batch_size", -8, "it must be an integer >= 1, e.g. --config.batch_size=512"),
+    ("optim.lr", float("nan"), "--config.optim.lr=nan is invalid"),
+    ("optim.lr", 0.0, "it must be a finite number > 0, e.g. --config.optim.lr=0.001"),
+    ("optim.lr", float("inf"), "--config.optim.lr=inf is invalid"),
+    ("total_steps", 0, "--config.total_steps=0 is invalid"),
+    ("total_epochs", -1.0, "--config.total_epochs=-1.0 is invalid"),
+    ("eval_batch_size", 0, "--config.eval_batch_size=0 is invalid"),
+    ("optim.warmup_steps", -1, "--config.optim.warmup_steps=-1"),
+    ("optim.ema_decay", 1.0, ">= 0 and < 1"),
+    ("optim.layer_decay", 1.5, "<= 1"),
+    ("image_size", (16, 16, 3), "--config.image_size=(16, 16, 3) is invalid"),
+    ("image_size", (0, 16), "must be positive"),
+])
+def test_validate_refuses_bad_values(field, value, message):
+  c = _module("digits").get_config()
+  config_utils.validate(c)  # The shipped config is valid.
+  target = c
+  *parents, last = field.split(".")
+  for p in parents:
+    target = target[p]
+  target[last] = value
+  with pytest.raises(errors.Error, match=re.escape(message)):
+    config_utils.validate(c)

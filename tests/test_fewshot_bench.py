@@ -48,7 +48,8 @@ def test_command_line_without_subcommand_prints_usage():
   proc = subprocess.run([sys.executable, "-m", "vit_jax.bench"],
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 1
-  assert proc.stderr.startswith("usage: python -m vit_jax.bench {throughput,")
+  assert proc.stderr.startswith(
+      "error: name a benchmark; usage: python -m vit_jax.bench {throughput,")
   assert "Traceback" not in proc.stderr
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from vit_jax import checkpoint
 from vit_jax import config_utils
+from vit_jax import model_source
 from vit_jax import errors
 from vit_jax import fewshot as cli
 from vit_jax import models
@@ -82,6 +83,6 @@ def test_errors(tmp_path, capsys):
   assert cli.run(["fewshot", f"--workdir={tmp_path}"]) == 1
   assert "config.json not found" in capsys.readouterr().err
   with pytest.raises(errors.Error, match="name=value"):
-    cli.parse_overrides(["classifier"])
-  assert cli.parse_overrides(["classifier=gap", "image_size=(8, 4)"]) == {
+    model_source.parse_overrides(["classifier"])
+  assert model_source.parse_overrides(["classifier=gap", "image_size=(8, 4)"]) == {
       "classifier": "gap", "image_size": (8, 4)}

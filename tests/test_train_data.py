@@ -71,6 +71,30 @@ def test_image_folder_end_to_end(capfd, tmp_path):
   _check(workdir, 3, 9)
 
 
+def test_damaged_images_are_skipped_and_counted(capfd, tmp_path):
+  # 60 training images, 2 of them damaged (a truncated file, a text x.jpg).
+  root = folder_fixture.make_image_folder(
+      str(tmp_path / "images"), classes=("cat", "dog", "fish"),
+      splits={"train": 20, "test": 3}, image_size=(12, 20))
+  damaged = folder_fixture.damage(root)
+  workdir = str(tmp_path / "w")
+  rc, out = _run(capfd, workdir, f"--config.dataset=folder:{root}")
+  assert rc == 0, out
+  assert "warning: skipped 2 damaged image file(s)" in out
+  assert damaged[0] in out and damaged[1] in out
+  rows = metrics.read_jsonl(workdir)
+  assert [r["data/skipped_images"] for r in rows
+          if "data/skipped_images" in r] == [2]
+  _check(workdir, 3, 9)
+  rc, out = _run(capfd, str(tmp_path / "strict"),
+                 f"--config.dataset=folder:{root}",
+                 "--config.pp.strict_images=True")
+  assert rc == 1, out
+  lines = out.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), out
+  assert f"damaged image {damaged[0]}" in lines[0]
+
+
 def test_missing_tfds_dataset_is_one_line(capfd, tmp_path):
   rc, out = _run(capfd, str(tmp_path / "w"), "--config.dataset=tfds:absent",
                  f"--config.data_dir={tmp_path}")

@@ -148,8 +148,11 @@ def default_config():
   c.eval_split = "test"
   c.image_size = (224, 224)
   c.num_channels = config_dict.placeholder(int)  # None: the source's.
+  # Damaged image files in a folder are skipped (counted in the metric
+  # data/skipped_images); strict_images=True makes them an error instead.
   c.pp = ml_collections.ConfigDict(dict(
-      inception_crop=True, crop_area=(0.05, 1.0), flip=True, worker_count=0))
+      inception_crop=True, crop_area=(0.05, 1.0), flip=True, worker_count=0,
+      strict_images=False))
   c.batch_size = 512
   c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size.
   c.total_steps = config_dict.placeholder(int)
@@ -217,6 +220,71 @@ def default_config():
   return c
 
 
+def _number(config, field, example, *, integer=False, minimum=None,
+            above=None, below=None, maximum=None, optional=False):
+  """One field checked: a finite number in range, else a one-line Error."""
+  value = config
+  for part in field.split("."):
+    value = value.get(part) if hasattr(value, "get") else None
+  if value is None:
+    if optional:
+      return
+    raise Error(f"--config.{field} is not set: set it, e.g. "
+                f"--config.{field}={example}")
+  bad = isinstance(value, bool) or not isinstance(value, (int, float))
+  if not bad:
+    bad = (not math.isfinite(value) or
+           (integer and float(value) != int(value)) or
+           (minimum is not None and value < minimum) or
+           (above is not None and value <= above) or
+           (below is not None and value >= below) or
+           (maximum is not None and value > maximum))
+  if bad:
+    rules = [r for r, v in ((f">= {minimum}", minimum), (f"> {above}", above),
+                            (f"< {below}", below), (f"<= {maximum}", maximum))
+             if v is not None]
+    kind = "an integer" if integer else "a finite number"
+    raise Error(f"--config.{field}={value!r} is invalid: it must be {kind}"
+                f"{' ' if rules else ''}{' and '.join(rules)}, e.g. "
+                f"--config.{field}={example}")
+
+
+def validate(config):
+  """One-line Errors for config values that cannot work, before any work.
+
+  Checks the sizes, steps, learning rate and optimizer numbers and the image
+  size (an int or (height, width)); model fields are checked by the model.
+  """
+  from vit_jax import sizes  # pylint: disable=g-import-not-at-top
+  _number(config, "batch_size", 512, integer=True, minimum=1)
+  _number(config, "eval_batch_size", 512, integer=True, minimum=1,
+          optional=True)
+  _number(config, "total_steps", 10000, integer=True, minimum=1,
+          optional=True)
+  _number(config, "total_epochs", 300, above=0, optional=True)
+  _number(config, "seed", 0, integer=True, minimum=0, below=2**32)
+  for field in ("log_steps", "checkpoint_steps"):
+    _number(config, field, 100, integer=True, minimum=0)
+  _number(config, "max_to_keep", 3, integer=True, minimum=1)
+  _number(config, "label_smoothing", 0.1, minimum=0, below=1, optional=True)
+  _number(config, "optim.lr", 0.001, above=0)
+  _number(config, "optim.end_lr", 0.0, minimum=0, optional=True)
+  _number(config, "optim.warmup_steps", 1000, integer=True, minimum=0)
+  _number(config, "optim.weight_decay", 0.05, minimum=0, optional=True)
+  _number(config, "optim.clip_norm", 1.0, minimum=0, optional=True)
+  _number(config, "optim.accum_steps", 1, integer=True, minimum=1,
+          optional=True)
+  _number(config, "optim.ema_decay", 0.9999, minimum=0, below=1,
+          optional=True)
+  _number(config, "optim.layer_decay", 0.75, minimum=0, maximum=1,
+          optional=True)
+  try:
+    sizes.pair(config.image_size, "image_size")
+  except ValueError as e:
+    raise Error(f"--config.image_size={config.image_size!r} is invalid ({e}):"
+                " use e.g. --config.image_size=224 or (224,160)") from None
+
+
 def resolve_steps(config, num_train_examples):
   """Total training steps from `total_steps` or `total_epochs`."""
   if config.get("total_steps") is not None:
@@ -246,7 +314,8 @@ def load_config(workdir):
   """Reads DIR/config.json back as a ConfigDict."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise Error(f"{path} not found: is {workdir} a training workdir?")
+    raise Error(f"{workdir} is not a training workdir ({path} not found): "
+                "pass the --workdir of a `python -m vit_jax.main` run")
   with open(path) as f:
     d = json.load(f)
   return ml_collections.ConfigDict(_tuplify(d))

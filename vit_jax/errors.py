@@ -7,6 +7,35 @@ a `ValueError`, so library code may raise either; the command-line tools catch
 traceback.
 """
 
+import functools
+import sys
+
 
 class Error(ValueError):
   """A problem the user can fix; CLIs print it as one line."""
+
+
+def fail(message):
+  """Prints `error: <message>` as one line on stderr; returns exit status 1."""
+  text = " ".join(str(message).split())
+  print(f"error: {text}", file=sys.stderr, flush=True)
+  return 1
+
+
+def command_line(run):
+  """Decorates a CLI's `run(argv) -> status`: an `Error` or a bad flag it
+  raises becomes one line `error: <message>` and exit status 1."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(run)
+  def wrapped(argv):
+    try:
+      status = run(argv)
+    except Error as e:
+      return fail(e)
+    except flags.Error as e:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      return fail(lines[-1] if lines else e)
+    return 0 if status is None else status
+
+  return wrapped

@@ -16,7 +16,6 @@ the plot DIR/fewshot.png (or into --output_dir). Problems the user can fix
 are printed as one line `error: <message>` and the exit status is 1.
 """
 
-import ast
 import json
 import math
 import os
@@ -27,99 +26,20 @@ from absl import logging
 from ml_collections import config_flags
 
 from vit_jax import errors
+from vit_jax import model_source
 
 # Own flag namespace: importable beside other command-line modules.
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Few-shot config: configs/fewshot.py[:arg].",
     lock_config=False, flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Training workdir to evaluate (newest checkpoint); "
-    "fewshot.json and fewshot.png are written there.", flag_values=FLAGS)
-_INIT = flags.DEFINE_string(
-    "init", None, "Evaluate this published-layout .npz instead of a "
-    "workdir's checkpoint (needs --model).", flag_values=FLAGS)
-_MODEL = flags.DEFINE_string(
-    "model", None, "Variant for --init, e.g. B/16.", flag_values=FLAGS)
-_OVERRIDE = flags.DEFINE_multi_string(
-    "override", [], "Model field for --init, as name=value (Python literal "
-    "or string), e.g. --override=classifier=gap.", flag_values=FLAGS)
+model_source.define_flags(FLAGS, "evaluate")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Write fewshot.json and fewshot.png here instead of "
     "--workdir.", flag_values=FLAGS)
-_EMA = flags.DEFINE_bool(
-    "use_ema", False, "Use the Polyak-averaged parameters of the checkpoint.",
-    flag_values=FLAGS)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first.",
     flag_values=FLAGS)
-
-
-def _literal(text):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def parse_overrides(items):
-  """["a=1", "b=gap"] -> {"a": 1, "b": "gap"}."""
-  out = {}
-  for item in items:
-    name, sep, value = item.partition("=")
-    if not sep or not name:
-      raise errors.Error(
-          f"--override={item!r} is not name=value, e.g. "
-          "--override=classifier=gap")
-    out[name.strip()] = _literal(value.strip())
-  return out
-
-
-def _npz_model(path, name, overrides, image_size):
-  """Parameters of a .npz and the model they fit (head and width inferred)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  from vit_jax import posemb  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
-    raise errors.Error(f"--init={path} does not exist")
-  if not name:
-    raise errors.Error("--init needs --model=<variant>, e.g. B/16")
-  params = checkpoint.load_npz(path)
-  kwargs = {}
-  if "head" in params:
-    kwargs["num_classes"] = int(params["head"]["kernel"].shape[-1])
-  else:
-    kwargs["num_classes"] = 0
-  if "pre_logits" in params:
-    kwargs["representation_size"] = int(
-        params["pre_logits"]["kernel"].shape[-1])
-  if "embedding" in params:
-    kwargs["num_channels"] = int(params["embedding"]["kernel"].shape[2])
-  if image_size is not None:
-    kwargs["image_size"] = image_size
-  kwargs.update(overrides)
-  try:
-    model = models.create(name, **kwargs)
-  except ValueError as e:
-    raise errors.Error(str(e)) from None
-  table = params.get("Transformer", {}).get("posembed_input", {}).get(
-      "pos_embedding")
-  if table is not None:
-    grid = model.grid_size(model.image_size)
-    prefix = model.num_prefix_tokens
-    old = table.shape[1] - prefix
-    if old != grid[0] * grid[1]:
-      side = int(round(math.sqrt(old)))
-      if side * side != old:
-        raise errors.Error(
-            f"checkpoint has {table.shape[1]} positions, which is not "
-            f"{prefix} + a square grid: pass --override=image_size=... "
-            "matching the checkpoint")
-      params["Transformer"]["posembed_input"]["pos_embedding"] = np.asarray(
-          posemb.resample(np.asarray(table), (side, side), grid, prefix,
-                          "zoom"))
-  return params, model
 
 
 def _run_fewshot_config(run):
@@ -194,8 +114,8 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
     if config.representation == fewshot.PIXELS:
       params, model = None, None
     else:
-      params, model = _npz_model(init, model_name, overrides or {},
-                                 image_size)
+      params, model = model_source.load_npz_model(
+          init, model_name, overrides or {}, image_size)
     mesh_spec = (("data", -1), ("model", 1))
   else:
     from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -230,34 +150,25 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
   return report
 
 
+@errors.command_line
 def run(argv):
   """Runs the command line `argv`; returns the exit status."""
   FLAGS.unparse_flags()
   saved, sys.argv = sys.argv, list(argv)  # `--config.x` overrides read it.
   try:
     FLAGS(argv)
-  except (flags.Error, errors.Error) as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    print(f"error: {lines[-1] if lines else e}", file=sys.stderr)
-    return 1
   finally:
     sys.argv = saved
-  if not _WORKDIR.value:
-    print("error: pass --workdir=DIR (a training workdir, or where to write "
-          "fewshot.json with --init)", file=sys.stderr)
-    return 1
+  if not FLAGS.workdir:
+    raise errors.Error("pass --workdir=DIR (a training workdir, or where to "
+                       "write fewshot.json with --init)")
   logging.set_verbosity(logging.WARNING)
-  try:
-    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
-    evaluate(_WORKDIR.value, _CONFIG.value, init=_INIT.value,
-             model_name=_MODEL.value,
-             overrides=parse_overrides(_OVERRIDE.value),
-             use_ema=_EMA.value, output_dir=_OUTPUT_DIR.value)
-  except errors.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  evaluate(FLAGS.workdir, _CONFIG.value, init=FLAGS.init,
+           model_name=FLAGS.model,
+           overrides=model_source.parse_overrides(FLAGS.override),
+           use_ema=FLAGS.use_ema, output_dir=_OUTPUT_DIR.value)
 
 
 def main():

@@ -17,8 +17,11 @@ names, cls position explicit and zero when it was folded into `cls`).
 """
 
 import re
+import zipfile
 
 import numpy as np
+
+from vit_jax import errors
 
 SEP = "/"
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -211,6 +214,46 @@ def check_tree(params, expected, what="checkpoint"):
         + "\n  ".join(lines))
 
 
+def _not_npz(path, what):
+  return errors.Error(f"{path} is not an .npz archive (the zip of .npy arrays that "
+                      f"numpy.savez writes): {what}")
+
+
+def _read_archive(path):
+  """{name: array} of an .npz; `errors.Error` naming the path when it is not one.
+
+  Never unpickles (`allow_pickle=False`): object arrays are refused.
+  """
+  if hasattr(path, "read"):
+    pos = path.tell()
+    head = path.read(4)
+    path.seek(pos)
+  else:
+    with open(path, "rb") as f:
+      head = f.read(4)
+  if head[:2] != b"PK":
+    if not head:
+      raise _not_npz(path, "the file is empty")
+    if head.startswith(b"\x93NUM"):
+      raise _not_npz(path, "it is a single .npy array")
+    raise _not_npz(path, f"it starts with {head!r}, not a zip header")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise _not_npz(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+  with data:
+    others = [n for n in data.zip.namelist() if not n.endswith(".npy")]
+    if others:
+      raise _not_npz(path, f"a zip holding {', '.join(others[:3])}"
+                     + (", ..." if len(others) > 3 else ""))
+    try:
+      return {k: data[k] for k in data.files}
+    except ValueError:  # object arrays, which are never unpickled
+      raise errors.Error(
+          f"{path} holds object (pickled) arrays, which are never loaded: a ViT "
+          "checkpoint holds numeric arrays only") from None
+
+
 def load_npz(path, target=None):
   """Reads a ViT `.npz` (original or big_vision layout) into our nested layout.
 
@@ -222,8 +265,7 @@ def load_npz(path, target=None):
   Returns:
     Nested dict of numpy arrays, per-block `encoderblock_{i}`.
   """
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: data[k] for k in data.files}
+  flat = _read_archive(path)
   flat = normalize(flat)
   if target is not None:
     target_flat = unstack_blocks(_as_flat(target))

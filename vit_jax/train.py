@@ -111,13 +111,6 @@ def _create_model(config, image_size, num_channels, task_fields):
   return model, grid, kwargs
 
 
-def _image_size(config):
-  try:
-    return sizes.pair(config.image_size, "image_size")
-  except ValueError as e:
-    raise Error(f"{e} (--config.image_size=224 or (224, 160))") from None
-
-
 def _with_shardings(shapes, shardings):
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -179,8 +172,9 @@ def train_and_evaluate(config, workdir, devices=None):
     The metrics of the final evaluation (dict).
   """
   # Config and workdir.
+  config_utils.validate(config)
   _prepare_workdir(workdir)
-  image_size = _image_size(config)
+  image_size = sizes.pair(config.image_size)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size") or batch_size)
 
@@ -190,12 +184,13 @@ def train_and_evaluate(config, workdir, devices=None):
   sharding.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
 
   # Data.
+  strict_images = bool(config.pp.get("strict_images", False))
   train_src = common.load_source(config.dataset, config.train_split,
-                                 config.get("data_dir"))
+                                 config.get("data_dir"), strict_images)
+  skipped = list(getattr(train_src, "skipped", None) or ())
   total_steps = config_utils.resolve_steps(config, len(train_src))
   train_iter = iter(_train_loader(config, train_src, image_size))
-  num_channels = config.get("num_channels") or int(
-      np.asarray(train_src[0]["image"]).shape[-1])
+  num_channels = data.image_channels(train_src, config.get("num_channels"))
 
   # Task, model and optimizer.
   task = tasks.create(config, train_src)
@@ -320,7 +315,7 @@ def train_and_evaluate(config, workdir, devices=None):
       train_split=config.train_split, data_dir=config.get("data_dir"),
       batch_size=eval_batch_size, image_size=image_size,
       num_channels=num_channels, seed=int(config.seed), workdir=workdir,
-      log=log)
+      log=log, strict_images=strict_images)
   evaluators = []
   for name, cfg in (config.get("evals") or {}).items():
     if cfg is None or int(cfg.get("every", 0) or 0) < 0:
@@ -331,6 +326,12 @@ def train_and_evaluate(config, workdir, devices=None):
 
   writer = metrics_lib.MetricWriter(workdir, total_steps, start_step,
                                     progress=config.get("progress", True))
+  if skipped:
+    log(f"warning: skipped {len(skipped)} damaged image file(s) of "
+        f"{config.dataset} {config.train_split}: {', '.join(skipped[:3])}"
+        f"{' ...' if len(skipped) > 3 else ''} (--config.pp.strict_images="
+        "True makes this an error)")
+  writer.write(start_step, {"data/skipped_images": len(skipped)})
 
   def evaluate(step, final=False):
     results = {}

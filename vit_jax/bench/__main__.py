@@ -39,8 +39,7 @@ def main(argv=None):
   """Runs the benchmark named by `argv[1]`; returns the exit status."""
   argv = sys.argv if argv is None else list(argv)
   if len(argv) < 2:
-    print(USAGE, file=sys.stderr)
-    return 1
+    return _error(f"name a benchmark; {USAGE}")
   if argv[1] in ("-h", "--help", "help"):
     print(USAGE)
     return 0

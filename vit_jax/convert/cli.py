@@ -1,21 +1,24 @@
 """`python -m vit_jax.convert --from=SRC --to={hf,timm,npz} --out=PATH [--verify]`.
 
 SRC is a training workdir (newest checkpoint + DIR/config.json), a `.npz` checkpoint
-(original or big_vision layout; the model is inferred from the shapes) or a Hugging
-Face ViT directory (config.json + model.safetensors / pytorch_model.bin).
+(original or big_vision layout; the model is inferred from the shapes), a Hugging
+Face ViT directory (config.json + model.safetensors / pytorch_model.bin) or a timm
+VisionTransformer state dict (FILE.safetensors / .pth / .pt / .bin, read without
+unpickling) with --timm_model=NAME or --timm_kwargs=FILE.json.
 
-Exit status: 0 on success, 1 when --verify finds a difference above the tolerance,
-2 when the target cannot express the model or the input is inconsistent.
+Exit status: 0 on success; 1 after one line `error: ...` when --verify finds a
+difference above the tolerance, the target cannot express the model, or the input
+is wrong.
 """
 
 import argparse
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import npz
 from vit_jax import sizes
 from vit_jax.convert import core
@@ -39,11 +42,13 @@ def _size(text):
 
 
 def parser():
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="python -m vit_jax.convert",
       description="Convert ViT checkpoints between our .npz, Hugging Face and timm.")
   p.add_argument("--from", dest="src", required=True,
-                 help="training workdir, FILE.npz, or a Hugging Face ViT directory")
+                 help="training workdir, FILE.npz, a Hugging Face ViT directory, or a "
+                      "timm VisionTransformer state dict (.safetensors, or .pth/.pt/"
+                      ".bin loadable with weights_only=True)")
   p.add_argument("--to", required=True, choices=("hf", "timm", "npz"))
   p.add_argument("--out", required=True,
                  help="hf: a directory; timm: FILE.npz (kwargs go to FILE.json); "
@@ -60,6 +65,10 @@ def parser():
                  help="position embedding of a checkpoint without a learned table")
   p.add_argument("--classifier", choices=("token", "gap", "map", "unpooled"))
   p.add_argument("--labels", help="class names: comma-separated, or @FILE with one a line")
+  p.add_argument("--timm_model", help="timm state dict: the timm model name it "
+                 "belongs to (timm.create_model(NAME, pretrained=False))")
+  p.add_argument("--timm_kwargs", help="timm state dict: JSON of VisionTransformer "
+                 "kwargs (what --to=timm writes); over --timm_model's defaults if both")
   p.add_argument("--use_ema", action="store_true",
                  help="workdir: take the Polyak-averaged parameters")
   return p
@@ -111,17 +120,47 @@ def _merge(base, inferred):
   return cfg
 
 
-def load_source(args):
-  """-> (params, model fields, labels, kind) for --from."""
+def _load_timm(args, log):
+  """A timm state-dict file -> (params, model fields, labels, kind, timm_lib.Source)."""
+  if args.timm_kwargs and args.to in ("npz", "timm") and os.path.abspath(
+      args.timm_kwargs) == os.path.abspath(timm_lib.kwargs_path(args.out)):
+    raise errors.Error(f"--out={args.out} would overwrite --timm_kwargs="
+                       f"{args.timm_kwargs} with its JSON: choose another --out")
+  for flag in ("posemb", "classifier", "hidden_act", "layer_norm_eps", "model"):
+    if getattr(args, flag) is not None:
+      raise errors.Error(f"--{flag} does not apply to a timm state dict: the timm "
+                         "model (--timm_model / --timm_kwargs) decides it")
+  flat, cfg, notes, source = timm_lib.read(
+      args.src, model_name=args.timm_model, kwargs_file=args.timm_kwargs,
+      image_size=args.image_size)
+  for note in notes:
+    log(f"note: {note}")
+  name = f"{args.timm_model} " if args.timm_model else ""
+  log(f"timm {name}kwargs: {json.dumps(_jsonable(source.kwargs))}")
+  return npz.unflatten(flat), cfg, None, "timm", source
+
+
+def load_source(args, log=print):
+  """-> (params, model fields, labels, kind, source) for --from.
+
+  `source` is the `timm_lib.Source` of a timm state dict (for --verify), else None.
+  """
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   src = args.src
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"--from={src} does not exist")
+  if (args.timm_model or args.timm_kwargs) and not timm_lib.is_weights_file(src):
+    raise errors.Error(f"--timm_model / --timm_kwargs go with a timm state dict "
+                       f"(--from=FILE{'|'.join(timm_lib.WEIGHT_SUFFIXES)}), not {src}")
+  if timm_lib.is_weights_file(src):
+    return _load_timm(args, log)
   flags = _flag_overrides(args)
   base = models.get_config(args.model) if args.model else {}
   if os.path.isdir(src) and hf_lib.is_hf_dir(src):
     sd, config = hf_lib.read(src)
     params, cfg, labels = hf_lib.to_ours(sd, config)
     cfg.update(flags)
-    return params, cfg, labels, "hf"
+    return params, cfg, labels, "hf", None
   if os.path.isdir(src):
     from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
     params, model, config = checkpoint.model_from_workdir(
@@ -134,7 +173,7 @@ def load_source(args):
     inferred = infer.model_config(params, image_size=fields["image_size"],
                                   posemb=fields.get("posemb"), what=src)
     cfg = _merge(fields, inferred)
-    return params, cfg, _workdir_labels(config), "workdir"
+    return params, cfg, _workdir_labels(config), "workdir", None
   if not os.path.exists(src):
     raise FileNotFoundError(f"--from={src} does not exist")
   params = npz.load_npz(src)
@@ -144,7 +183,7 @@ def load_source(args):
   for key in ("hidden_act", "layer_norm_eps", "classifier"):
     if key in flags:
       cfg[key] = flags[key]
-  return params, cfg, None, "npz"
+  return params, cfg, None, "npz", None
 
 
 def check_params(params, cfg):
@@ -186,7 +225,7 @@ def _flags(fields):
 def run(args, log=print):
   """Performs the conversion; returns the parity figures (or {})."""
   from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
-  params, cfg, labels, kind = load_source(args)
+  params, cfg, labels, kind, source = load_source(args, log)
   labels = _labels(args.labels) or labels
   cfg = core.full_config(cfg)
   check_params(params, cfg)
@@ -225,9 +264,11 @@ def run(args, log=print):
         with open(os.path.join(args.src, "config.json")) as f:
           arch = json.load(f)["architectures"][0]
         diffs = parity.verify_hf(args.src, params, cfg, arch, tol=args.tol)
+      elif kind == "timm":
+        diffs = parity.verify_timm_source(source, params, cfg, tol=args.tol)
       written = npz.flatten(npz.load_npz(args.out))
-      source = npz.flatten(npz.unflatten(core.flat_params(params)))
-      diffs["npz_params"] = parity.params_diff(source, written)
+      ours_flat = npz.flatten(npz.unflatten(core.flat_params(params)))
+      diffs["npz_params"] = parity.params_diff(ours_flat, written)
       parity.check(diffs, args.tol, "npz export")
   if diffs:
     log("parity (max |Δ|, fp32): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
@@ -235,15 +276,20 @@ def run(args, log=print):
   return diffs
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line `error: ...` (exit 1), like every other error."""
+
+  def error(self, message):
+    raise errors.Error(f"{message} (python -m vit_jax.convert --help)")
+
+
 def main(argv=None):
+  """The command line; returns 0, or 1 after one line `error: ...`."""
   from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
-  args = parser().parse_args(argv)
   try:
-    run(args)
+    run(parser().parse_args(argv))
   except parity.ParityError as e:
-    print(f"verify FAILED: {e}", file=sys.stderr)
-    return 1
+    return errors.fail(f"verify FAILED: {e}")
   except (core.Unsupported, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.fail(e)
   return 0

@@ -1,4 +1,4 @@
-"""Numerical parity of an export: our model and the PyTorch one on the same batch.
+"""Numerical parity of a conversion: our model and the PyTorch one on the same batch.
 
 Random images in [-1, 1] (NHWC for ours, NCHW for theirs), fp32, eval mode. Each check
 returns {quantity: max |ours - theirs|} and raises `ParityError` above the tolerance.
@@ -6,6 +6,8 @@ Parameters are checked too: what the PyTorch model holds after loading, mapped b
 our layout, must equal what was exported (timm: every tensor is first filled with NaN,
 so one its loader skipped shows up).
 """
+
+import functools
 
 import jax
 import numpy as np
@@ -37,11 +39,18 @@ def inputs(cfg, batch=2, seed=0):
 def ours(params, cfg, images, bool_masked_pos=None):
   """(output, out) of our model in fp32 eval mode, as numpy."""
   cfg = core.full_config(cfg)
-  cfg.update(scan=False, remat_policy="none", dtype="float32", param_dtype="float32")
-  params = npz.unflatten(core.flat_params(params))
-  output, out = core.create(cfg).apply({"params": params}, images, train=False,
-                                       bool_masked_pos=bool_masked_pos)
+  # Scanned blocks: one compiled block whatever the depth (same numerics per block).
+  cfg.update(scan=True, remat_policy="none", dtype="float32", param_dtype="float32")
+  params = npz.unflatten(npz.stack_blocks(core.flat_params(params)))
+  output, out = _apply(core.create(cfg), params, images, bool_masked_pos)
   return np.asarray(output), jax.tree.map(np.asarray, out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, images, bool_masked_pos):
+  """One compiled program (cached per model): faster than op-by-op dispatch."""
+  return model.apply({"params": params}, images, train=False,
+                     bool_masked_pos=bool_masked_pos)
 
 
 def _maxdiff(a, b):
@@ -164,4 +173,33 @@ def verify_timm(npz_path, kwargs, params, cfg, batch=2, seed=0, tol=TOL):
       {k: v.detach().numpy() for k, v in model.state_dict().items()}, kwargs)
   diffs["params"] = params_diff(exported, loaded)
   check(diffs, tol, "timm export")
+  return diffs
+
+
+def verify_timm_source(source, params, cfg, batch=2, seed=0, tol=TOL):
+  """Compares our import of a timm state dict with timm running that state dict.
+
+  `source` is the `timm.Source` the import read: the timm model built from the same
+  kwargs (or name) gets the file's tensors with `load_state_dict(strict=True)`.
+
+  Returns:
+    {quantity: max |Δ|}: `logits` (or `features` without a head) and `params`
+    (what the timm model holds after loading, mapped again, vs our parameters).
+  """
+  torch = _torch()
+  cfg = core.full_config(cfg)
+  model = source.model
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                         for k, v in source.sd.items()}, strict=True)
+  model.eval()
+  images, _ = inputs(cfg, batch, seed)
+  output, out = ours(params, cfg, images)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  name = "logits" if cfg["num_classes"] else "features"
+  diffs = {name: _maxdiff(output if cfg["num_classes"] else out["pre_logits"], theirs)}
+  loaded = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  diffs["params"] = params_diff(npz.flatten(npz.unflatten(core.flat_params(params))),
+                                timm_lib.import_params(loaded, model, cfg, "timm model"))
+  check(diffs, tol, "timm state dict import")
   return diffs

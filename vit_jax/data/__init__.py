@@ -7,6 +7,14 @@
     for batch in data.eval_batches(src_test, 32, (32, 32)):
       ...                                            # batch["mask"] marks padding
 
+Every image file is decoded by `data.decode_image`, whose channel
+conversion (`preprocess.to_channels`) the loaders also apply, to
+`data.image_channels(src, num_channels)` channels: training, evaluation and
+few-shot batches of a source agree. An image folder checks its files when it
+is built and skips damaged ones (`src.skipped`, sorted paths), or with
+`get_source(..., strict_images=True)` raises `vit_jax.errors.Error` naming
+the first.
+
 Labels are int32 class indices, or float32 targets for sources with float
 labels such as "digits_value" or a folder with a labels.csv
 (`data.label_dtype(src)`; see `vit_jax.data.sources`).
@@ -15,6 +23,7 @@ labels such as "digits_value" or a folder with a labels.csv
 from vit_jax.data.loader import eval_batches
 from vit_jax.data.loader import eval_range
 from vit_jax.data.loader import get_state
+from vit_jax.data.loader import image_channels
 from vit_jax.data.loader import local_batch_size
 from vit_jax.data.loader import num_eval_batches
 from vit_jax.data.loader import num_examples
@@ -26,6 +35,9 @@ from vit_jax.data.sources import ArraySource
 from vit_jax.data.sources import DatasetNotPreparedError
 from vit_jax.data.sources import FolderSource
 from vit_jax.data.sources import TfdsSource
+from vit_jax.data.sources import check_image
+from vit_jax.data.sources import check_images
+from vit_jax.data.sources import decode_image
 from vit_jax.data.sources import digits_source
 from vit_jax.data.sources import digits_value_source
 from vit_jax.data.sources import get_source

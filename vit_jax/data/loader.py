@@ -18,6 +18,12 @@ therefore continues with exactly the batches the interrupted one would have
 produced. Batch composition also depends on `worker_count` (grain batches
 within each worker), so resume with the same worker count.
 
+Both loaders give every image the same channel count, `image_channels(source,
+num_channels)`: the `num_channels` asked for, else the source's
+`num_channels`, else its first image's; each image is converted with
+`preprocess.to_channels`, the conversion image files are decoded with.
+Training and evaluation batches of a source therefore agree.
+
 Labels keep their kind: class labels are int32, float labels (regression
 targets) float32. The dtype comes from the source's `label_dtype` attribute,
 or, for a source without one, from its first example's label (see
@@ -41,6 +47,24 @@ def local_batch_size(global_batch_size, process_count):
         f"global batch size {global_batch_size} is not divisible by the "
         f"number of processes {process_count}")
   return global_batch_size // process_count
+
+
+def image_channels(source, num_channels=None):
+  """The channel count of a source's batches.
+
+  `num_channels` when given, else the source's `num_channels` attribute,
+  else the channel count of its first image (None for an empty source).
+  `train_loader` and `eval_batches` convert every image to it.
+  """
+  if num_channels:
+    return int(num_channels)
+  channels = getattr(source, "num_channels", None)
+  if channels:
+    return int(channels)
+  if not len(source):
+    return None
+  image = np.asarray(source[0]["image"])
+  return int(image.shape[-1]) if image.ndim == 3 else 1
 
 
 def _sampler_seed(seed):
@@ -98,7 +122,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
     crop_area: (min, max) fraction of the image area of the random crop.
     aspect_ratio: (min, max) width / height of the random crop.
     flip: random horizontal flips.
-    num_channels: convert images to 1 or 3 channels (None keeps them).
+    num_channels: convert images to 1 or 3 channels; None: the source's
+      (`image_channels`).
     worker_count: grain worker processes (0 = in this process). The batch
       sequence depends on it; a saved state only restores with the same
       value.
@@ -131,7 +156,8 @@ def train_loader(source, global_batch_size, image_size, seed=0,
       label_dtype=sources.label_dtype(source),
       image_size=sizes.pair(image_size, "image_size"),
       inception_crop=inception_crop, crop_area=tuple(crop_area),
-      aspect_ratio=tuple(aspect_ratio), flip=flip, num_channels=num_channels)
+      aspect_ratio=tuple(aspect_ratio), flip=flip,
+      num_channels=image_channels(source, num_channels))
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[transform,
@@ -181,6 +207,8 @@ def eval_batches(source, global_batch_size, image_size, process_index=0,
   `mask` is False on padding. Every process yields the same number of
   batches (`num_eval_batches`), padding with fully masked batches if its
   block is short, so collective operations stay in step across processes.
+  Images have `image_channels(source, num_channels)` channels, as in
+  `train_loader`.
 
   Yields:
     {"image": float32 [local_B, h, w, C], "label": int32 [local_B],
@@ -192,8 +220,9 @@ def eval_batches(source, global_batch_size, image_size, process_index=0,
   start, stop = eval_range(len(source), process_index, process_count)
   total = num_eval_batches(len(source), global_batch_size, process_count)
   label_dtype = sources.label_dtype(source)
+  channels = image_channels(source, num_channels) if total else None
   transform = _EvalTransform(label_dtype=label_dtype, image_size=size,
-                             num_channels=num_channels,
+                             num_channels=channels,
                              crop_fraction=crop_fraction)
   examples = iter(())
   if stop > start:
@@ -201,16 +230,9 @@ def eval_batches(source, global_batch_size, image_size, process_index=0,
     examples = iter(dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads,
                           prefetch_buffer_size=2 * batch)))
-  shape = None
   for _ in range(total):
     chunk = [e for _, e in zip(range(batch), examples)]
-    if shape is None:
-      channels = (num_channels or
-                  (chunk[0]["image"].shape[-1] if chunk else
-                   preprocess.to_channels(
-                       np.asarray(source[0]["image"]), None).shape[-1]))
-      shape = (batch, *size, channels)
-    images = np.zeros(shape, np.float32)
+    images = np.zeros((batch, *size, channels), np.float32)
     labels = np.zeros((batch,), label_dtype)
     mask = np.zeros((batch,), bool)
     for i, example in enumerate(chunk):

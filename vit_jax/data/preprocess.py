@@ -18,22 +18,53 @@ DEFAULT_ASPECT_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
 
 
+def _over_white(image):
+  """uint8 [H, W, C + 1] (the last channel alpha) composited over white.
+
+  Equal, bit for bit, to PIL's `alpha_composite` over an opaque white image.
+  """
+  color = image[..., :-1].astype(np.uint32)
+  alpha = image[..., -1:].astype(np.uint32)
+  return ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _luma(image):
+  """uint8 [H, W, 3] -> [H, W, 1]: ITU-R 601-2 luma, as PIL's convert("L").
+
+  PIL's integer formula, so the result equals PIL's bit for bit.
+  """
+  x = image.astype(np.uint32)
+  luma = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471
+          + 0x8000) >> 16
+  return luma.astype(np.uint8)[..., None]
+
+
 def to_channels(image, num_channels):
-  """Converts uint8 [H, W, C] to `num_channels` (None keeps C)."""
+  """Converts uint8 [H, W, C] to `num_channels` channels (None keeps C).
+
+  The one channel conversion of the project: image files are decoded through
+  it (`vit_jax.data.sources.decode_image`), and the loaders apply it to every
+  example, so training, evaluation and few-shot see the same pixels.
+
+  C is 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA); `num_channels` 1 or
+  3. Alpha is composited over white; RGB -> gray is the ITU-R 601-2 luma of
+  PIL's convert("L") (bit for bit); gray -> RGB repeats the plane.
+  """
+  image = np.asarray(image)
   channels = image.shape[-1]
   if num_channels is None or channels == num_channels:
     return image
-  if channels == 1 and num_channels == 3:
+  if num_channels not in (1, 3) or channels not in (1, 2, 3, 4):
+    raise ValueError(
+        f"cannot convert an image with {channels} channels to {num_channels}")
+  if channels in (2, 4):
+    image = _over_white(image)
+    channels -= 1
+  if channels == num_channels:
+    return image
+  if channels == 1:
     return np.repeat(image, 3, axis=-1)
-  if channels in (3, 4) and num_channels == 1:
-    # ITU-R 601-2 luma, as PIL's convert("L").
-    luma = image[..., :3].astype(np.float32) @ np.array(
-        [0.299, 0.587, 0.114], np.float32)
-    return np.round(luma).clip(0, 255).astype(np.uint8)[..., None]
-  if channels == 4 and num_channels == 3:
-    return image[..., :3]
-  raise ValueError(
-      f"cannot convert an image with {channels} channels to {num_channels}")
+  return _luma(image)
 
 
 def crop_and_resize(image, box, size):

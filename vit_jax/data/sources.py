@@ -1,9 +1,19 @@
 """Random-access image sources: bundled digits, image folders, tfds datasets.
 
 Every source is a sequence of examples `{"image": uint8 [H, W, C], "label"}`
-with `num_classes`, `class_names`, `num_channels` (C, or None when unknown)
-and `label_dtype` attributes. Sources are plain random-access objects (`len`,
-`__getitem__`), which is what grain reads.
+with `num_classes`, `class_names`, `num_channels` (C, or None when unknown),
+`label_dtype` and `skipped` attributes. Sources are plain random-access
+objects (`len`, `__getitem__`), which is what grain reads.
+
+`skipped` lists the paths (sorted) of the files a source left out because
+they are damaged: image folders check every file when they are built (see
+`FolderSource`, `check_image`); the other sources have none.
+`get_source(..., strict_images=True)` makes a damaged file of a folder an
+`errors.Error` ("damaged image <path> (<reason>): remove it, or drop
+--config.pp.strict_images ...") instead; the other sources accept and ignore
+the option. Image files are decoded by one function, `decode_image`, whose
+channel conversion is `vit_jax.data.preprocess.to_channels`, the one the
+loaders apply: training, evaluation and few-shot read the same pixels.
 
 Labels are either class indices (`label` an int, `label_dtype` int32,
 `num_classes` the class count) or float targets for regression (`label` a
@@ -25,24 +35,35 @@ Dataset names understood by `get_source`:
   (class labels), or, when `root/<split>/labels.csv` exists, the images it
   lists with float labels: a header `filename,label`, filenames relative to
   `root/<split>/` (subfolders allowed), one image per row in that order.
+  Damaged files are skipped (or, with `strict_images`, an error).
 - `"tfds:name"` or a plain tfds name such as `"cifar10"`: read with
   `tfds.data_source` from array_record files in `data_dir`.
 """
 
+import concurrent.futures
 import csv
+import hashlib
 import importlib.util
 import math
 import os
 import re
+import threading
 
 import numpy as np
 import PIL.Image
 
+from vit_jax import errors
+from vit_jax.data import preprocess
+
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-# Number of files inspected to choose an image folder's channel count.
-_MODE_SAMPLE = 64
+# The image check of a folder: threads, files per task, and the bytes of a
+# JPEG's end searched for the end-of-image marker.
+CHECK_THREADS = 8
+_CHECK_CHUNK = 64
+_JPEG_TAIL = 64
+_JPEG_EOI = b"\xff\xd9"
 
 
 INT_LABELS = np.dtype(np.int32)
@@ -104,6 +125,7 @@ class ArraySource:
     self.class_names = class_names
     self.name = name
     self.num_channels = self.images.shape[-1] if self.images.ndim == 4 else None
+    self.skipped = []
 
   def __len__(self):
     return len(self.labels)
@@ -193,26 +215,159 @@ def digits_value_source(split):
 
 
 def _is_grayscale(mode):
-  return mode in ("1", "L", "LA") or mode.startswith(("I", "F"))
+  return mode in ("1", "L", "LA", "La") or mode.startswith(("I", "F"))
 
 
-def _decode(path, mode):
-  with PIL.Image.open(path) as image:
-    if image.mode.startswith(("I", "F")):
-      # 16-bit or float grayscale: scale to 8 bits.
-      array = np.asarray(image, np.float64)
-      peak = 65535.0 if array.max() > 255 else 255.0
-      array = np.round(np.clip(array, 0, peak) * (255.0 / peak)).astype(
-          np.uint8)[..., None]
-      return array if mode == "L" else np.repeat(array, 3, axis=-1)
-    if image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info):
-      # Composite transparent pixels over white rather than keeping the alpha.
-      rgba = image.convert("RGBA")
-      background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-      image = PIL.Image.alpha_composite(background, rgba)
-    array = np.asarray(image.convert(mode), np.uint8)
+def _pixels(image):
+  """uint8 [H, W, C] of an open PIL image, C in 1..4, alpha kept."""
+  mode = image.mode
+  if mode.startswith(("I", "F")):
+    # 16-bit or float grayscale: scale to 8 bits.
+    array = np.asarray(image, np.float64)
+    peak = 65535.0 if array.max() > 255 else 255.0
+    return np.round(np.clip(array, 0, peak) * (255.0 / peak)).astype(
+        np.uint8)[..., None]
+  if mode in ("1", "L"):
+    target = "L"
+  elif mode in ("LA", "La"):
+    target = "LA"
+  elif mode in ("RGBA", "RGBa", "PA") or (
+      mode == "P" and "transparency" in image.info):
+    target = "RGBA"
+  else:
+    target = "RGB"
+  array = np.asarray(image if mode == target else image.convert(target),
+                     np.uint8)
   return array[..., None] if array.ndim == 2 else array
+
+
+def decode_image(path, num_channels=None):
+  """The pixels of image file `path`: uint8 [H, W, num_channels].
+
+  The one decoder of image files: every read of a `FolderSource` (training,
+  evaluation, few-shot) goes through it. PIL decodes the file; the channel
+  conversion is `preprocess.to_channels`, the same function the loaders
+  apply to arrays: transparent pixels are composited over white, RGB becomes
+  gray by PIL's luma, gray becomes RGB by repetition; 16-bit and float
+  grayscale is scaled to 8 bits. `num_channels` None keeps the file's kind:
+  1 for grayscale files, 3 for the others.
+
+  Raises PIL's exceptions (OSError, PIL.UnidentifiedImageError, ...) for a
+  file it cannot decode; `FolderSource` turns them into `errors.Error`.
+  """
+  with PIL.Image.open(path) as image:
+    array = _pixels(image)
+  if num_channels is None:
+    num_channels = 1 if array.shape[-1] <= 2 else 3
+  return preprocess.to_channels(array, num_channels)
+
+
+def _reason(e):
+  """A short description of why PIL could not read a file."""
+  if isinstance(e, PIL.UnidentifiedImageError):
+    return "not an image file PIL can read"
+  text = str(e).strip()
+  if "truncated" in text.lower():
+    return f"truncated file: {text}"
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def check_image(path):
+  """Checks cheaply that PIL can read image file `path`.
+
+  PIL opens the file and `verify()`s it (for PNG this reads every chunk and
+  checks its CRC, which finds truncation). A JPEG, for which `verify()`
+  checks nothing, must end with the end-of-image marker FF D9 (trailing NUL
+  or whitespace allowed); one that does not is decoded in full, so that a
+  JPEG with data appended after the marker (e.g. a motion photo) is kept
+  while a truncated one is not.
+
+  Returns:
+    (reason, mode): `reason` None for a readable file, else why it is not;
+    `mode` the file's PIL mode (None when it does not open).
+  """
+  mode = None
+  try:
+    with open(path, "rb") as f:
+      with PIL.Image.open(f) as image:
+        mode, kind = image.mode, image.format
+        image.verify()
+      if kind in ("JPEG", "MPO"):
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _JPEG_TAIL))
+        if not f.read().rstrip(b"\0\t\n\r ").endswith(_JPEG_EOI):
+          f.seek(0)
+          with PIL.Image.open(f) as image:
+            try:
+              image.load()
+            except Exception as e:  # pylint: disable=broad-except
+              return (f"truncated JPEG: no end marker FF D9, "
+                      f"{str(e).strip() or type(e).__name__}"), mode
+  except Exception as e:  # pylint: disable=broad-except
+    return _reason(e), mode
+  return None, mode
+
+
+def _check_chunk(paths):
+  return [check_image(p) for p in paths]
+
+
+def _stat_chunk(paths):
+  out = []
+  for p in paths:
+    try:
+      st = os.stat(p)
+      out.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    except OSError:
+      out.append(f"{p}\0missing\n")
+  return out
+
+
+# Results of `check_images` by the stat of the files checked: sources of the
+# same split built again (evaluators, few-shot) do not read the files again.
+_CHECKED = {}
+_CHECKED_LOCK = threading.Lock()
+_CHECKED_MAX = 64
+
+
+def _chunks(items, size):
+  return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def check_images(paths, threads=CHECK_THREADS):
+  """`check_image` of every path, in `threads` threads.
+
+  The result is a function of the files' contents, so every process that
+  checks the same files gets the same answer. It is remembered (per list of
+  paths, sizes and modification times) for the life of the process.
+
+  Returns:
+    (bad, grayscale): `bad` {path: reason} of the unreadable files;
+    `grayscale` whether every readable file is grayscale.
+  """
+  paths = list(paths)
+  if not paths:
+    return {}, True
+  chunks = _chunks(paths, _CHECK_CHUNK)
+  with concurrent.futures.ThreadPoolExecutor(
+      max(1, min(threads, len(chunks)))) as pool:
+    digest = hashlib.sha256()
+    for lines in pool.map(_stat_chunk, chunks):
+      digest.update("".join(lines).encode("utf-8", "surrogateescape"))
+    key = digest.hexdigest()
+    with _CHECKED_LOCK:
+      cached = _CHECKED.get(key)
+    if cached is not None:
+      return dict(cached[0]), cached[1]
+    results = [r for part in pool.map(_check_chunk, chunks) for r in part]
+  bad = {p: reason for p, (reason, _) in zip(paths, results) if reason}
+  grayscale = all(_is_grayscale(mode) for reason, mode in results
+                  if not reason)
+  with _CHECKED_LOCK:
+    if len(_CHECKED) >= _CHECKED_MAX:
+      _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[key] = (dict(bad), grayscale)
+  return bad, grayscale
 
 
 def _read_labels_csv(split_dir):
@@ -276,14 +431,24 @@ class FolderSource:
     None and `label_dtype` float32. A missing image, a label that is not a
     finite float or a missing column is an error naming the CSV and line.
 
-  Images are converted to one mode for the whole folder: with
-  `num_channels=None`, grayscale ("L", 1 channel) when every inspected file is
-  grayscale (up to 64 files spread over the folder are inspected), RGB
-  (3 channels) otherwise; `num_channels=1` or `3` forces it. Transparent
-  pixels are composited over white. Image sizes may differ between files.
+  Images are converted to one channel count for the whole folder,
+  `num_channels`: with None, 1 (grayscale) when every readable file is
+  grayscale, 3 (RGB) otherwise; 1 or 3 forces it. Every image is decoded by
+  `decode_image` to that count (a grayscale PNG among RGB JPEGs becomes 3
+  channels). Transparent pixels are composited over white. Image sizes may
+  differ between files.
+
+  Damaged files: when the source is built, every listed file is checked
+  (`check_images`: PIL opens and verifies it; a JPEG must end with its end
+  marker), in threads, once. Files that fail are left out, in the same way
+  on every process: `skipped` lists their paths (sorted) and `skip_reasons`
+  maps each to why. With `strict_images=True` the first of them (in sorted
+  order) is an `errors.Error` instead. A file that still fails to decode
+  when read is an `errors.Error` naming it.
   """
 
-  def __init__(self, root, split, num_channels=None, class_names=None):
+  def __init__(self, root, split, num_channels=None, class_names=None,
+               strict_images=False):
     self.root = os.path.abspath(root)
     self.split = split
     if not os.path.isdir(self.root):
@@ -311,10 +476,33 @@ class FolderSource:
     else:
       self._read_class_dirs(split_dir, class_names)
       self.label_dtype = INT_LABELS
+    grayscale = self._skip_damaged(split_dir, strict_images)
     if num_channels is None:
-      num_channels = self._dominant_channels()
+      num_channels = 1 if grayscale else 3
     self.num_channels = num_channels
     self.mode = "L" if num_channels == 1 else "RGB"
+
+  def _skip_damaged(self, split_dir, strict):
+    """Leaves out the files `check_images` rejects; returns `grayscale`."""
+    bad, grayscale = check_images(self.files)
+    self.skipped = sorted(bad)
+    self.skip_reasons = {p: bad[p] for p in self.skipped}
+    if not bad:
+      return grayscale
+    first = self.skipped[0]
+    if strict:
+      raise errors.Error(
+          f"image folder {split_dir}: damaged image {first} "
+          f"({bad[first]}): remove it, or drop --config.pp.strict_images "
+          "to skip damaged files")
+    if len(bad) == len(self.files):
+      raise errors.Error(
+          f"image folder {split_dir}: none of its {len(bad)} images can be "
+          f"read, e.g. {first} ({bad[first]}): check the files")
+    keep = np.array([f not in bad for f in self.files])
+    self.files = [f for f, k in zip(self.files, keep) if k]
+    self.labels = self.labels[keep]
+    return grayscale
 
   def _read_class_dirs(self, split_dir, class_names):
     """Files and int labels of the `<class>/` subdirectories of a split."""
@@ -350,19 +538,19 @@ class FolderSource:
     self.class_names = names
     self.num_classes = len(names)
 
-  def _dominant_channels(self):
-    step = max(1, len(self.files) // _MODE_SAMPLE)
-    for path in self.files[::step][:_MODE_SAMPLE]:
-      with PIL.Image.open(path) as image:
-        if not _is_grayscale(image.mode):
-          return 3
-    return 1
-
   def __len__(self):
     return len(self.files)
 
   def __getitem__(self, index):
-    return {"image": _decode(self.files[index], self.mode),
+    path = self.files[index]
+    try:
+      image = decode_image(path, self.num_channels)
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.Error(
+          f"cannot decode image {path} ({_reason(e)}): remove or replace the "
+          "file (files found damaged when the source is built are skipped)"
+      ) from e
+    return {"image": image,
             "label": _label_value(self.labels[index], self.label_dtype)}
 
   def __repr__(self):
@@ -432,6 +620,7 @@ class TfdsSource:
     names = getattr(label, "names", None)
     self.class_names = list(names) if names else None
     self.label_dtype = _tfds_label_dtype(label)
+    self.skipped = []
     try:
       self._source = tfds.data_source(
           name, split=split, data_dir=data_dir, download=False)
@@ -457,14 +646,17 @@ class TfdsSource:
             f"len={len(self)})")
 
 
-def get_source(name, split, data_dir=None, **kwargs):
+def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
   """Returns the source for dataset `name` and `split`.
 
   Args:
     name: "digits", "digits_value", "folder:/abs/path", "tfds:name" or a
       plain tfds name (see the module doc).
     split: split name; tfds accepts slicing such as "train[:90%]".
-    data_dir: tfds data directory (tfds datasets only).
+    data_dir: tfds data directory (tfds datasets only; ignored otherwise).
+    strict_images: image folders: a damaged image file is an `errors.Error`
+      rather than skipped (see `FolderSource`). Ignored by the other
+      sources, whose files cannot be damaged in that way.
     **kwargs: `num_channels`, `class_names` for folders; `image_key`,
       `label_key` for tfds.
   """
@@ -474,7 +666,8 @@ def get_source(name, split, data_dir=None, **kwargs):
     return digits_source(split) if name == "digits" else digits_value_source(
         split)
   if name.startswith("folder:"):
-    return FolderSource(name[len("folder:"):], split, **kwargs)
+    return FolderSource(name[len("folder:"):], split,
+                        strict_images=bool(strict_images), **kwargs)
   if name.startswith("tfds:"):
     name = name[len("tfds:"):]
   return TfdsSource(name, split, data_dir=data_dir, **kwargs)

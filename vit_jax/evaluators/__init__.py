@@ -13,7 +13,7 @@ of your own; it defaults to the entry's name.
 Fields an entry does not set take the run's values when the evaluator
 accepts them by name: `dataset`, `split` (the run's `eval_split`),
 `train_split`, `data_dir`, `batch_size` (`eval_batch_size`), `image_size`,
-`num_channels`, `seed`, `workdir`, `log`.
+`num_channels`, `seed`, `workdir`, `log`, `strict_images`.
 """
 
 import inspect

@@ -18,10 +18,11 @@ from vit_jax import errors
 from vit_jax import sharding
 
 
-def load_source(dataset, split, data_dir=None):
+def load_source(dataset, split, data_dir=None, strict_images=False):
   """`data.get_source` with a one-line error naming the dataset and split."""
   try:
-    return data.get_source(dataset, split, data_dir=data_dir)
+    options = {"strict_images": True} if strict_images else {}
+    return data.get_source(dataset, split, data_dir=data_dir, **options)
   except (ValueError, KeyError, FileNotFoundError, NotADirectoryError,
           ImportError) as e:
     msg = e.args[0] if e.args else str(e)
@@ -115,10 +116,11 @@ class SplitEvaluator:
   """
 
   def __init__(self, predict_fn, mesh, *, dataset, split, batch_size,
-               image_size, num_channels=None, data_dir=None):
+               image_size, num_channels=None, data_dir=None,
+               strict_images=False):
     self.predict_fn = predict_fn
-    self.sums = SplitSums(self.per_example, mesh,
-                          load_source(dataset, split, data_dir), batch_size,
+    source = load_source(dataset, split, data_dir, strict_images)
+    self.sums = SplitSums(self.per_example, mesh, source, batch_size,
                           image_size, num_channels)
 
   def per_example(self, params, batch):

@@ -65,11 +65,13 @@ class Evaluator:
   def __init__(self, predict_fn, mesh, *, dataset, split, batch_size,
                image_size, train_split="train", num_channels=None,
                data_dir=None, mask_ratio=0.6, mask_unit=32, seed=0,
-               workdir=None, num_images=8, baseline_examples=2048):
+               workdir=None, num_images=8, baseline_examples=2048,
+               strict_images=False):
     self.predict_fn = predict_fn
     self.mesh = mesh
-    self.source = common.load_source(dataset, split, data_dir)
-    self.train_source = common.load_source(dataset, train_split, data_dir)
+    self.source = common.load_source(dataset, split, data_dir, strict_images)
+    self.train_source = common.load_source(dataset, train_split, data_dir,
+                                           strict_images)
     self.batch_size = int(batch_size)
     self.image_size = tuple(image_size)
     self.num_channels = num_channels

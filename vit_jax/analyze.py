@@ -1,0 +1,373 @@
+"""Command line: the ViT paper's analysis figures for a checkpoint.
+
+  python -m vit_jax.analyze --workdir=DIR [--what=distance,posemb,rollout,filters]
+  python -m vit_jax.analyze --init=ViT-B_16.npz --model=B/16 [--image_size=224] \
+      [--dataset=digits --split=test --num_images=128] [--output_dir=OUT]
+
+The first form analyses the newest checkpoint of a training workdir (model
+rebuilt from DIR/config.json); the second a published-layout .npz with the
+variant `--model`. For an .npz the architecture is read off the parameter
+tree where it shows (patch size, width, depth, heads, MLP width, channels,
+head, cls token or not, hybrid stem, and the image size from a square
+position table); `--override=name=value` sets any other field and wins over
+what was inferred.
+
+Analyses (`--what`, default: all that apply to the model):
+  distance  mean attention distance per layer and head over `--num_images`
+            images of `--dataset`/`--split`: attention_distance.{png,json}
+  posemb    cosine similarity of the position embeddings (learned, or the
+            fixed sincos table): posemb_similarity.png
+  rollout   attention rollout maps of the first `--num_show` images:
+            rollout.png
+  filters   principal components of the patch-embedding filters: filters.png
+            (not for hybrids, whose patch embedding sees ResNet features)
+
+Figures go to `--output_dir`, else `--workdir`, else `<npz without .npz>_analysis/`.
+A short summary is printed. Problems the user can fix are printed as one line
+`error: <message>` and the exit status is 1.
+"""
+
+import ast
+import os
+import sys
+
+from absl import flags
+from absl import logging
+
+from vit_jax import errors
+from vit_jax import model_source
+
+ANALYSES = ("distance", "posemb", "rollout", "filters")
+
+# Own flag namespace: importable beside other command-line modules.
+FLAGS = flags.FlagValues()
+model_source.define_flags(FLAGS, "analyse")
+_IMAGE_SIZE = flags.DEFINE_string(
+    "image_size", None, "Image size to analyse at, e.g. 224 or '(224, 160)'. "
+    "--init: the model is built for it (position table resampled); "
+    "--workdir: the position embeddings are interpolated to it. Default: the "
+    "checkpoint's own.", flag_values=FLAGS)
+_WHAT = flags.DEFINE_string(
+    "what", None, "Comma-separated analyses among "
+    f"{', '.join(ANALYSES)} (default: all that apply).", flag_values=FLAGS)
+_DATASET = flags.DEFINE_string(
+    "dataset", "digits", "Images for distance and rollout: digits, a tfds "
+    "name or folder:/root.", flag_values=FLAGS)
+_SPLIT = flags.DEFINE_string("split", "test", "Split of --dataset.",
+                             flag_values=FLAGS)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory.",
+                                flag_values=FLAGS)
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", 128, "Images the attention distance is averaged over (the "
+    "paper: 128).", flag_values=FLAGS)
+_NUM_SHOW = flags.DEFINE_integer(
+    "num_show", 6, "Images shown with their attention rollout.",
+    flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.",
+                                   flag_values=FLAGS)
+_NUM_COMPONENTS = flags.DEFINE_integer(
+    "num_components", 28, "Principal components of the filters to show (the "
+    "paper: 28).", flag_values=FLAGS)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Where to write the figures (default: --workdir, "
+    "else <npz without .npz>_analysis).", flag_values=FLAGS)
+
+
+def parse_what(text):
+  """"distance,rollout" -> ["distance", "rollout"]; None -> None (all)."""
+  if text is None:
+    return None
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  unknown = [n for n in names if n not in ANALYSES]
+  if unknown or not names:
+    raise errors.Error(
+        f"unknown analysis {', '.join(map(repr, unknown)) or repr(text)} in "
+        f"--what: use some of {','.join(ANALYSES)}")
+  return list(dict.fromkeys(names))
+
+
+def parse_image_size(text):
+  """"224" or "(224, 160)" -> 224 or (224, 160); None -> None."""
+  if text is None:
+    return None
+  from vit_jax.sizes import pair  # pylint: disable=g-import-not-at-top
+  try:
+    h, w = pair(ast.literal_eval(text.strip()), "--image_size")
+  except (ValueError, SyntaxError, TypeError):
+    raise errors.Error(f"--image_size={text} is not a positive int or "
+                       "(height, width), e.g. 224 or '(224, 160)'") from None
+  return h if h == w else (h, w)
+
+
+def _one_line(e):
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if len(lines) <= 1:
+    return lines[0] if lines else type(e).__name__
+  more = f" (+{len(lines) - 4} more)" if len(lines) > 4 else ""
+  return f"{lines[0]} {'; '.join(lines[1:4])}{more}"
+
+
+def applicable(model, what=None):
+  """(analyses to run, {skipped analysis: why}) for a model.
+
+  With `what` given, an analysis that cannot apply is an `errors.Error`;
+  without, it is skipped with the reason.
+  """
+  reasons = {}
+  if model.posemb == "none":
+    reasons["posemb"] = ("the model has no position embeddings "
+                         "(posemb='none'): there is no position-embedding "
+                         "similarity to show; leave posemb out of --what")
+  if model.resnet is not None:
+    reasons["filters"] = ("the model is a hybrid: its patch embedding sees "
+                          "ResNet features, not pixels, so its filters are "
+                          "not images; leave filters out of --what")
+  if what is None:
+    return [a for a in ANALYSES if a not in reasons], reasons
+  for name in what:
+    if name in reasons:
+      raise errors.Error(reasons[name])
+  return list(what), {}
+
+
+def _images(dataset, split, data_dir, count, batch_size, image_size,
+            num_channels):
+  """Yields (images [b, H, W, C], mask [b]) with `count` valid images in all."""
+  from vit_jax import data  # pylint: disable=g-import-not-at-top
+  try:
+    source = data.get_source(dataset, split, data_dir=data_dir)
+  except (ValueError, FileNotFoundError) as e:
+    raise errors.Error(f"cannot read --dataset={dataset} --split={split}: "
+                       f"{_one_line(e)}") from None
+  if not len(source):
+    raise errors.Error(f"--dataset={dataset} --split={split} has no images")
+  batch = max(1, min(batch_size, count, len(source)))
+  left = count
+  for b in data.eval_batches(source, batch, image_size,
+                             num_channels=num_channels):
+    mask = b["mask"].copy()
+    mask[left:] = False
+    left -= int(mask.sum())
+    if mask.any():
+      yield b["image"], mask
+    if left <= 0:
+      return
+
+
+def _attention_fn(model, grid, stride, interpolate):
+  """jit: images -> (distances [L, B, H], rollout maps [B, h, w])."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import attention_distance  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import rollout  # pylint: disable=g-import-not-at-top
+  prefix = model.num_prefix_tokens
+
+  @jax.jit
+  def fn(params, images):
+    _, out = model.apply({"params": params}, images, train=False,
+                         output_attentions=True,
+                         interpolate_pos_encoding=interpolate)
+    weights = [out[f"block{i}/attention"].astype(jnp.float32)
+               for i in range(model.num_layers)]
+    dist = jnp.stack([attention_distance.head_distances(a, grid, stride, prefix)
+                      for a in weights])
+    return dist, rollout.rollout_map(weights, grid, prefix)
+
+  return fn
+
+
+def _fmt(values):
+  return ", ".join(f"{v:.2f}" for v in values)
+
+
+def analyse(params, model, output_dir, what=None, name="model",
+            dataset="digits", split="test", data_dir=None, num_images=128,
+            num_show=6, batch_size=32, num_components=28, image_size=None,
+            log=print):
+  """Runs the analyses and writes their figures into `output_dir`.
+
+  Args:
+    params: the model's parameters (numpy or jax arrays).
+    model: the VisionTransformer.
+    output_dir: where the PNGs and the JSON go (created).
+    what: list of analyses (`ANALYSES`), or None for all that apply.
+    name: shown in titles and the summary.
+    dataset, split, data_dir: images for distance and rollout.
+    num_images: images the attention distance is averaged over.
+    num_show: images shown with their rollout maps.
+    batch_size: images per forward pass.
+    num_components: principal components of the filters.
+    image_size: analyse at this size (default the model's); the position
+      embeddings are interpolated when the patch grid differs.
+    log: printing function for the summary.
+
+  Returns:
+    A summary dict: "ran", "skipped", "files" and per analysis its numbers
+    ("distance": [layers][heads], "posemb_neighbour"/"posemb_other",
+    "rollout_cls_mass", "filters_explained").
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import attention_distance  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import filters  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import posemb_similarity  # pylint: disable=g-import-not-at-top
+  from vit_jax.analysis import rollout  # pylint: disable=g-import-not-at-top
+  from vit_jax.sizes import pair  # pylint: disable=g-import-not-at-top
+  for flag, value in (("num_images", num_images), ("num_show", num_show),
+                      ("batch_size", batch_size),
+                      ("num_components", num_components)):
+    if value < 1:
+      raise errors.Error(f"--{flag}={value} must be at least 1")
+  todo, skipped = applicable(model, what)
+  size = pair(image_size if image_size is not None else model.image_size,
+              "image_size")
+  try:
+    grid = model.grid_size(size)
+  except ValueError as e:
+    raise errors.Error(str(e)) from None
+  stride = model.encoder_stride
+  prefix = model.num_prefix_tokens
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise errors.Error(f"cannot create --output_dir={output_dir}: "
+                       f"{_one_line(e)}") from None
+  summary = {"ran": todo, "skipped": skipped, "files": []}
+  log(f"{name}: {model.num_layers} layer(s) x {model.num_heads} head(s), "
+      f"width {model.hidden_size}, {stride[0]}x{stride[1]} px per patch, "
+      f"grid {grid[0]}x{grid[1]} at {size[0]}x{size[1]} px, "
+      f"{'cls token' if prefix else 'no cls token'}")
+  for analysis, why in skipped.items():
+    log(f"{analysis}: skipped, {why.split(':')[0]}")
+
+  def wrote(path):
+    summary["files"].append(path)
+
+  if "distance" in todo or "rollout" in todo:
+    count = num_images if "distance" in todo else 0
+    if "rollout" in todo:
+      count = max(count, num_show)
+    fn = _attention_fn(model, grid, stride,
+                       interpolate=tuple(grid) != tuple(
+                           model.grid_size(model.image_size)))
+    total = None
+    seen = 0
+    shown_images, shown_maps = [], []
+    for images, mask in _images(dataset, split, data_dir, count, batch_size,
+                                size, model.num_channels):
+      try:
+        dist, maps = fn(params, images)
+      except ValueError as e:
+        raise errors.Error(_one_line(e)) from None
+      dist, maps = np.asarray(dist, np.float64), np.asarray(maps)
+      part = dist[:, mask].sum(axis=1)
+      total = part if total is None else total + part
+      seen += int(mask.sum())
+      room = num_show - sum(len(m) for m in shown_maps)
+      if room > 0:
+        shown_images.append(images[mask][:room])
+        shown_maps.append(maps[mask][:room])
+    source = f"{dataset}/{split}"
+    if "distance" in todo:
+      distances = total / seen
+      summary["distance"] = distances.tolist()
+      path = os.path.join(output_dir, "attention_distance.json")
+      attention_distance.to_json(
+          distances, path, model=name, patch_size=list(stride),
+          grid=list(grid), image_size=list(size), num_images=seen,
+          dataset=dataset, split=split, num_prefix_tokens=prefix,
+          note="prefix (cls) tokens dropped from queries and keys, each "
+               "query's row renormalised over the patch keys")
+      wrote(path)
+      path = os.path.join(output_dir, "attention_distance.png")
+      attention_distance.plot(
+          distances, path,
+          title=f"{name}\nmean attention distance, {seen} images")
+      wrote(path)
+      layers = [0] if len(distances) == 1 else [0, len(distances) - 1]
+      log(f"attention distance (px, {seen} {source} images; image diagonal "
+          f"{float(np.hypot(*size)):.1f}): " + ", ".join(
+              f"layer {i + 1} mean {distances[i].mean():.2f} (heads "
+              f"{_fmt(distances[i])})" for i in layers))
+    if "rollout" in todo:
+      images = np.concatenate(shown_images)[:num_show]
+      maps = np.concatenate(shown_maps)[:num_show]
+      path = os.path.join(output_dir, "rollout.png")
+      rollout.plot(images, maps, path, title=f"{name}: attention rollout")
+      wrote(path)
+      mass = maps.reshape(len(maps), -1).sum(axis=1)
+      summary["rollout_cls_mass"] = float(mass.mean())
+      peak = [np.unravel_index(int(np.argmax(m)), m.shape) for m in maps]
+      how = (f"the cls token's rollout puts {mass.mean():.2f} of its mass on "
+             "the patches" if prefix else "maps are the patch rows' mean")
+      log(f"rollout: {len(maps)} {source} images; {how}; peak patch (row, col) "
+          f"{', '.join(f'({r}, {c})' for r, c in peak)}")
+
+  if "posemb" in todo:
+    table, kind = posemb_similarity.position_table(params, model)
+    built = model.grid_size(model.image_size)
+    sim = posemb_similarity.cosine_similarity(table, built)
+    path = os.path.join(output_dir, "posemb_similarity.png")
+    posemb_similarity.plot(
+        sim, path, title=f"{name}: {kind} position embedding similarity")
+    wrote(path)
+    flat = sim.reshape(built[0] * built[1], -1)
+    rows, cols = np.divmod(np.arange(flat.shape[0]), built[1])
+    step = np.abs(rows[:, None] - rows[None]) + np.abs(cols[:, None] -
+                                                       cols[None])
+    neighbour = float(flat[step == 1].mean()) if (step == 1).any() else float(
+        "nan")
+    other = float(flat[step > 1].mean()) if (step > 1).any() else float("nan")
+    summary["posemb_neighbour"], summary["posemb_other"] = neighbour, other
+    log(f"position embeddings ({kind}, {built[0]}x{built[1]}): mean cosine "
+        f"{neighbour:.3f} to the 4-neighbours, {other:.3f} to the others")
+
+  if "filters" in todo:
+    kernel = np.asarray(params["embedding"]["kernel"])
+    components, explained = filters.principal_components(kernel,
+                                                         num_components)
+    path = os.path.join(output_dir, "filters.png")
+    filters.plot(components, path, explained=explained,
+                 title=f"{name}: patch-embedding filters, principal components")
+    wrote(path)
+    summary["filters_explained"] = explained.tolist()
+    ph, pw, c, d = kernel.shape
+    log(f"filters: {len(components)} principal components of {d} filters "
+        f"({ph}x{pw}x{c}); the first {min(3, len(explained))} explain "
+        f"{', '.join(f'{100 * v:.1f}%' for v in explained[:3])} of the "
+        "variance")
+
+  log(f"wrote {', '.join(os.path.basename(f) for f in summary['files'])} "
+      f"into {output_dir}")
+  return summary
+
+
+@errors.command_line
+def run(argv):
+  """Runs the command line `argv`; returns the exit status."""
+  FLAGS.unparse_flags()
+  FLAGS(argv)
+  what = parse_what(_WHAT.value)
+  image_size = parse_image_size(_IMAGE_SIZE.value)
+  logging.set_verbosity(logging.WARNING)
+  if not FLAGS.init and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
+    raise errors.Error(f"--workdir={FLAGS.workdir} does not exist")
+  params, model, name = model_source.load(FLAGS, image_size)
+  if FLAGS.init:
+    output_dir = _OUTPUT_DIR.value or FLAGS.workdir or (
+        os.path.splitext(FLAGS.init)[0] + "_analysis")
+    image_size = None  # The model was built for it.
+  else:
+    output_dir = _OUTPUT_DIR.value or FLAGS.workdir
+  analyse(params, model, output_dir, what=what, name=name,
+          dataset=_DATASET.value, split=_SPLIT.value,
+          data_dir=_DATA_DIR.value, num_images=_NUM_IMAGES.value,
+          num_show=_NUM_SHOW.value, batch_size=_BATCH_SIZE.value,
+          num_components=_NUM_COMPONENTS.value, image_size=image_size)
+
+
+def main():
+  sys.exit(run(sys.argv))
+
+
+if __name__ == "__main__":
+  main()
