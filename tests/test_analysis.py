@@ -118,6 +118,15 @@ def test_posemb_tables_of_models():
   fixed = learned.clone(posemb="sincos2d")
   table, kind = posemb_similarity.position_table({}, fixed)
   np.testing.assert_array_equal(table, posemb.sincos2d(2, 3, 16)[0])
+  row = np.arange(2 * 8, dtype=np.float32).reshape(1, 2, 8)
+  col = -np.arange(3 * 8, dtype=np.float32).reshape(1, 3, 8)
+  table, kind = posemb_similarity.position_table(
+      {"Transformer": {"posembed_input": {"pos_embedding_row": row,
+                                          "pos_embedding_col": col}}},
+      learned.clone(posemb="learn2d"))
+  assert kind.startswith("learned 2-D") and table.shape == (6, 16)
+  np.testing.assert_array_equal(table[4], np.concatenate([row[0, 1],
+                                                          col[0, 1]]))
   with pytest.raises(ValueError, match="no position embeddings"):
     posemb_similarity.position_table({}, learned.clone(posemb="none"))
 

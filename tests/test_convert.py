@@ -37,6 +37,7 @@ HF_CASES = {
     "no_head": dict(num_classes=0),
     "mim": dict(decoder=True, use_mask_token=True, num_classes=0),
     "sincos2d": dict(posemb="sincos2d"),
+    "learn2d": dict(posemb="learn2d"),
     "qk_scale": dict(qk_scale=0.3),
 }
 
@@ -50,6 +51,8 @@ TIMM_CASES = {
     "no_head": dict(num_classes=0),
     "posemb_none": dict(classifier="gap", posemb="none"),
     "odd_mlp": dict(mlp_dim=37),
+    "learn2d_gap_nonsquare": dict(posemb="learn2d", classifier="gap",
+                                  image_size=(16, 24)),
 }
 
 

@@ -921,3 +921,26 @@ def test_digits_split_slices():
     data.get_source("digits", "train[5:5]")
   with pytest.raises(ValueError, match="unknown split 'train\\[:x\\]'"):
     data.get_source("digits", "train[:x]")
+
+
+def test_digits_canvas():
+  digits = data.get_source("digits", "train")
+  canvas = data.get_source("digits_canvas", "train")
+  assert len(canvas) == len(digits) and canvas.num_classes == 10
+  np.testing.assert_array_equal(canvas.labels, digits.labels)
+  assert canvas.images.shape[1:] == (32, 32, 1)
+  corners = []
+  for i in range(20):
+    big = np.asarray(digits[i]["image"]).repeat(2, 0).repeat(2, 1)
+    image = np.asarray(canvas[i]["image"])
+    # The 2x digit is somewhere on the canvas, and nothing else is drawn.
+    found = [(y, x) for y in range(17) for x in range(17)
+             if np.array_equal(image[y:y + 16, x:x + 16], big)]
+    assert found, i
+    assert image.sum() == big.sum()
+    corners.append(found[0])
+  assert len(set(corners)) > 10  # Positions vary.
+  # A slice sees the same images (positions fixed per example).
+  np.testing.assert_array_equal(
+      data.get_source("digits_canvas", "train[:10]").images,
+      canvas.images[:10])

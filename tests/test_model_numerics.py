@@ -366,6 +366,52 @@ def test_interpolate_pos_encoding(kind):
                              atol=1e-5)
 
 
+def learn2d_reference(row, col, prefix):
+  """Patch (i, j) gets concat(row[i], col[j]); the prefix positions get 0."""
+  row, col = np.asarray(row, np.float64)[0], np.asarray(col, np.float64)[0]
+  h, w = len(row), len(col)
+  table = np.zeros((1, prefix + h * w, row.shape[1] + col.shape[1]))
+  for i in range(h):
+    for j in range(w):
+      table[0, prefix + i * w + j] = np.concatenate([row[i], col[j]])
+  return table
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_learn2d_embeddings(classifier):
+  shape = (BATCH, 16, 24, 3)  # Patch 4: a 4 x 6 grid.
+  model = models.create("testing", image_size=(16, 24), patch_size=4,
+                        classifier=classifier, posemb="learn2d")
+  params = random_params(model, shape)
+  pe = params["Transformer"]["posembed_input"]
+  row, col = pe["pos_embedding_row"], pe["pos_embedding_col"]
+  assert set(pe) == {"pos_embedding_row", "pos_embedding_col"}
+  assert row.shape == (1, 4, 8) and col.shape == (1, 6, 8)
+  prefix = 1 if classifier == "token" else 0
+
+  def tokens(out, n):
+    x = np.asarray(out["stem"], np.float64).reshape(BATCH, n, 16)
+    if prefix:
+      cls = np.broadcast_to(params["cls"], (BATCH, 1, 16))
+      x = np.concatenate([cls, x], axis=1)
+    return x
+
+  _, out = apply_fn(model, output_hidden_states=True)({"params": params},
+                                                      random_images(shape))
+  np.testing.assert_allclose(out["embeddings"],
+                             tokens(out, 24) + learn2d_reference(row, col, prefix),
+                             rtol=1e-5, atol=1e-5)
+  # Another grid (5 x 3): each table resampled along its own axis (bicubic).
+  _, out = apply_fn(model, output_hidden_states=True,
+                    interpolate_pos_encoding=True)(
+                        {"params": params}, random_images((BATCH, 20, 12, 3)))
+  row5 = posemb.interpolation_matrix(4, 5, "bicubic") @ row[0]
+  col3 = posemb.interpolation_matrix(6, 3, "bicubic") @ col[0]
+  table = learn2d_reference(row5[None], col3[None], prefix)
+  np.testing.assert_allclose(out["embeddings"], tokens(out, 15) + table,
+                             rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------- training-mode behaviour
 
 

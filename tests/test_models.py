@@ -43,6 +43,8 @@ def _count(shapes):
     ("L/16", {}, 304_326_632),
     ("H/14", {}, 632_045_800),
     ("B/16", {"classifier": "gap"}, 86_566_120),
+    # 197 x 768 learned positions -> (14 + 14) x 384 row and column ones.
+    ("B/16", {"posemb": "learn2d"}, 86_567_656 - 197 * 768 + 28 * 384),
     ("R50+B/16", {}, 98_659_112),
 ])
 def test_parameter_counts(name, overrides, expected):
@@ -119,6 +121,24 @@ def test_optional_parameters():
                          (1, 32, 32, 3))
   assert shapes["decoder/kernel"] == (1, 1, 16, 8 * 8 * 3)
   assert shapes["mask_token"] == (1, 1, 16)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_learn2d_parameters(classifier):
+  """Row [1, h, D/2] and column [1, w, D/2] tables replace the 1-D table."""
+  kw = dict(image_size=(16, 24), patch_size=4, classifier=classifier)
+  shape = (1, 16, 24, 3)  # A 4 x 6 grid.
+  learn = _param_shapes(models.create("testing", **kw), shape)
+  learn2d = _param_shapes(models.create("testing", posemb="learn2d", **kw),
+                          shape)
+  pe = "Transformer/posembed_input/pos_embedding"
+  assert learn2d[pe + "_row"] == (1, 4, 8)
+  assert learn2d[pe + "_col"] == (1, 6, 8)
+  assert pe not in learn2d
+  prefix = 1 if classifier == "token" else 0
+  assert learn[pe] == (1, prefix + 24, 16)
+  assert set(learn) - {pe} == set(learn2d) - {pe + "_row", pe + "_col"}
+  assert _count(learn2d) == _count(learn) - (prefix + 4 * 6) * 16 + (4 + 6) * 8
 
 
 def test_map_head_parameters():
@@ -252,6 +272,9 @@ def test_registry_errors():
     models.create("testing", classifier="cls")
   with pytest.raises(ValueError, match="unknown posemb 'rope'"):
     models.create("testing", posemb="rope")
+  with pytest.raises(ValueError, match=r"posemb='learn2d' needs an even "
+                     r"hidden_size.*got 15"):
+    models.create("testing", posemb="learn2d", hidden_size=15, num_heads=3)
   with pytest.raises(ValueError, match="unknown remat_policy 'all'"):
     models.create("testing", remat_policy="all")
   with pytest.raises(ValueError, match=r"decoder=True needs .* square"):

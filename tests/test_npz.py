@@ -221,3 +221,33 @@ def test_big_vision_file_gives_the_same_model_outputs(tmp_path, classifier):
   # Written back in the original layout, it stays the same tree.
   npz.save_npz(tmp_path / "orig.npz", loaded)
   _assert_same(npz.load_npz(tmp_path / "orig.npz"), loaded)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_learn2d_tree_round_trips_and_is_inferred(tmp_path, classifier):
+  """Row / column position tables (posemb="learn2d") are known names; their shapes
+  give the (non-square) grid."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.convert import infer  # pylint: disable=g-import-not-at-top
+  model = models.create("testing", patch_size=4, image_size=(16, 24),
+                        classifier=classifier, posemb="learn2d")
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0)}, np.zeros((1, 16, 24, 3), np.float32)))
+  rng = np.random.default_rng(0)
+  flat = {k: _rand(rng, *v.shape) for k, v in npz.flatten(shapes["params"]).items()}
+  assert flat[npz.POSEMB_ROW].shape == (1, 4, 8)
+  assert flat[npz.POSEMB_COL].shape == (1, 6, 8)
+  assert npz.POSEMB not in flat
+  npz.save_npz(tmp_path / "l2d.npz", npz.unflatten(flat))
+  loaded = npz.load_npz(tmp_path / "l2d.npz", target=shapes["params"])
+  _assert_same(loaded, flat)
+  cfg = infer.model_config(loaded)
+  assert cfg["posemb"] == "learn2d" and cfg["image_size"] == (16, 24)
+  assert cfg["classifier"] == classifier and cfg["hidden_size"] == 16
+  assert infer.model_config(loaded, image_size=(16, 24))["image_size"] == (16, 24)
+  with pytest.raises(ValueError, match="4x6 grid .* gives 4x4"):
+    infer.model_config(loaded, image_size=16)
+  del flat[npz.POSEMB_COL]
+  with pytest.raises(ValueError, match="only one of"):
+    infer.model_config(flat)

@@ -25,6 +25,9 @@ from vit_jax import errors
 
 SEP = "/"
 POSEMB = "Transformer/posembed_input/pos_embedding"
+# posemb="learn2d": row [1, h, D/2] and column [1, w, D/2] tables.
+POSEMB_ROW = POSEMB + "_row"
+POSEMB_COL = POSEMB + "_col"
 
 # Prefixes under which checkpoints of other codebases keep the image model.
 _PREFIXES = ("params/img/", "opt/target/", "params/")
@@ -47,6 +50,7 @@ KNOWN_KEYS = tuple(re.compile(p) for p in (
     r"mask_token",
     r"embedding/(kernel|bias)",
     r"Transformer/posembed_input/pos_embedding",
+    r"Transformer/posembed_input/pos_embedding_(row|col)",
     r"Transformer/encoderblock_\d+/LayerNorm_[02]/(scale|bias)",
     r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/"
     r"(query|key|value|out)/(kernel|bias)",

@@ -79,6 +79,13 @@ def position_table(params, model, grid=None):
           f"the learned position table has {table.shape[0]} rows, the model "
           f"expects {prefix} + {built[0]}x{built[1]}")
     return table[prefix:], "learned"
+  if model.posemb == "learn2d":
+    from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+    tables = params["Transformer"]["posembed_input"]
+    table = vit.learn2d_table(
+        np.asarray(tables["pos_embedding_row"], np.float32),
+        np.asarray(tables["pos_embedding_col"], np.float32), 0)
+    return table[0], "learned 2-D (row | column)"
   if model.posemb == "sincos2d":
     return posemb_lib.sincos2d(grid[0], grid[1], model.hidden_size)[0], (
         "sincos2d (fixed)")

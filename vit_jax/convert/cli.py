@@ -61,7 +61,7 @@ def parser():
   p.add_argument("--hidden_act", choices=("gelu_tanh", "gelu"))
   p.add_argument("--layer_norm_eps", type=float)
   p.add_argument("--image_size", type=_size, help="N or H,W")
-  p.add_argument("--posemb", choices=("learn", "sincos2d", "sincos1d", "none"),
+  p.add_argument("--posemb", choices=("learn", "learn2d", "sincos2d", "sincos1d", "none"),
                  help="position embedding of a checkpoint without a learned table")
   p.add_argument("--classifier", choices=("token", "gap", "map", "unpooled"))
   p.add_argument("--labels", help="class names: comma-separated, or @FILE with one a line")

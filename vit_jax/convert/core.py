@@ -51,14 +51,19 @@ def flat_params(params):
 def position_table(flat, cfg):
   """The table the model adds to the tokens, [1, prefix + h * w, D].
 
-  Learned tables are the parameter; fixed ones (sincos) are computed the way the
-  model does; `posemb="none"` is a table of zeros. Writing them as a learned table
-  is exact.
+  Learned tables are the parameter; learned 2-D ones (`learn2d`) are built from the
+  row and column parameters (0 at the prefix); fixed ones (sincos) are computed the
+  way the model does; `posemb="none"` is a table of zeros. Writing them as a learned
+  table is exact.
   """
   kind = cfg["posemb"]
   if kind == "learn":
     return flat[npz.POSEMB]
   prefix = num_prefix_tokens(cfg)
+  if kind == "learn2d":
+    return vit_lib.learn2d_table(np.asarray(flat[npz.POSEMB_ROW], np.float32),
+                                 np.asarray(flat[npz.POSEMB_COL], np.float32),
+                                 prefix)
   h, w = grid(cfg)
   if kind == "none":
     return np.zeros((1, prefix + h * w, cfg["hidden_size"]), np.float32)

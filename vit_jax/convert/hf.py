@@ -151,8 +151,8 @@ def state_dict(params, cfg, arch, notes=None):
       p + "layernorm.bias": flat["Transformer/encoder_norm/bias"],
   }
   if cfg["posemb"] != "learn":
-    notes.append(f"posemb={cfg['posemb']!r} written as the (fixed) values of "
-                 "position_embeddings")
+    notes.append(f"posemb={cfg['posemb']!r} written as the values of "
+                 "position_embeddings it adds")
   if arch == MIM:
     sd[p + "embeddings.mask_token"] = flat["mask_token"]
   elif "mask_token" in flat:

@@ -4,7 +4,8 @@ Everything structural is read off the shapes: width, depth, heads (from the quer
 kernel, (D, H, D/H)), mlp_dim, patch size, channels, pooling (cls token / MAPHead /
 neither), representation size, number of classes, mask token, MIM decoder and the
 hybrid ResNet stem. The image size comes from the position table when its grid is
-square; non-square grids need the image size to be given. The GELU variant and the
+square; non-square grids need the image size to be given, except with learned 2-D
+tables (`pos_embedding_row` / `_col`, posemb="learn2d"), whose shapes give the grid. The GELU variant and the
 LayerNorm epsilon leave no trace in the parameters: they default to the original
 checkpoints' (tanh GELU, 1e-6) and can be overridden.
 """
@@ -65,6 +66,19 @@ def _grid(num_positions, image_size, stride, what):
   return (side, side)
 
 
+def _grid_2d(rows, cols, image_size, stride, what):
+  """Patch grid of learned 2-D tables: (rows, cols), checked against image_size."""
+  if image_size is not None:
+    grid = _grid(None, image_size, stride, what)
+    if grid != (rows, cols):
+      raise ValueError(
+          f"{what} has row/column position tables for a {rows}x{cols} grid but "
+          f"image size {vit.pair(image_size)} with patch size {_maybe_int(stride)} "
+          f"gives {grid[0]}x{grid[1]}: pass the image size the checkpoint was "
+          "trained at")
+  return (rows, cols)
+
+
 def model_config(params, image_size=None, posemb=None, what="checkpoint"):
   """Returns the VisionTransformer fields of a parameter tree (our layout).
 
@@ -73,7 +87,8 @@ def model_config(params, image_size=None, posemb=None, what="checkpoint"):
     image_size: optional int or (h, w); required when the grid is not square or
       the model has no learned position table.
     posemb: kind of position embedding when the tree has no learned table
-      ("sincos2d", "sincos1d" or "none"); defaults to "sincos2d".
+      ("sincos2d", "sincos1d" or "none"); defaults to "sincos2d". A tree with
+      `pos_embedding_row` / `_col` is "learn2d", with `pos_embedding` "learn".
     what: name of the source for error messages.
   """
   flat = npz.unstack_blocks(npz.flatten(params) if any(
@@ -114,14 +129,24 @@ def model_config(params, image_size=None, posemb=None, what="checkpoint"):
                          else kernel[2])
   prefix = 1 if cfg["classifier"] == "token" else 0
   num_positions = None
-  if npz.POSEMB in flat:
+  learn2d = npz.POSEMB_ROW in flat or npz.POSEMB_COL in flat
+  if learn2d:
+    if npz.POSEMB_ROW not in flat or npz.POSEMB_COL not in flat:
+      raise ValueError(f"{what} has only one of `{npz.POSEMB_ROW}` and "
+                       f"`{npz.POSEMB_COL}`: learned 2-D position embeddings need both")
+    cfg["posemb"] = "learn2d"
+  elif npz.POSEMB in flat:
     cfg["posemb"] = "learn"
     num_positions = shape(npz.POSEMB)[1] - prefix
   else:
     cfg["posemb"] = posemb or "sincos2d"
   stem = resnet_lib.stride(cfg["resnet"]["num_layers"]) if cfg["resnet"] else 1
   stride = (kernel[0] * stem, kernel[1] * stem)
-  grid = _grid(num_positions, image_size, stride, what)
+  if learn2d:
+    grid = _grid_2d(shape(npz.POSEMB_ROW)[1], shape(npz.POSEMB_COL)[1], image_size,
+                    stride, what)
+  else:
+    grid = _grid(num_positions, image_size, stride, what)
   cfg["image_size"] = _maybe_int((grid[0] * stride[0], grid[1] * stride[1]))
   if cfg["decoder"]:
     out = shape("decoder/kernel")[-1]

@@ -152,21 +152,26 @@ def load_timm(npz_path, kwargs):
   return model.eval()
 
 
+def _outputs_vs_timm(model, params, cfg, batch, seed):
+  """{"logits" (or "features" without a head): max |Δ|} of ours vs timm's."""
+  torch = _torch()
+  images, _ = inputs(cfg, batch, seed)
+  output, out = ours(params, cfg, images)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  name = "logits" if cfg["num_classes"] else "features"
+  return {name: _maxdiff(output if cfg["num_classes"] else out["pre_logits"], theirs)}
+
+
 def verify_timm(npz_path, kwargs, params, cfg, batch=2, seed=0, tol=TOL):
   """Loads the timm export and compares it with our model.
 
   Returns:
     {quantity: max |Δ|}: `logits` (or `features` without a head) and `params`.
   """
-  torch = _torch()
   cfg = core.full_config(cfg)
   model = load_timm(npz_path, kwargs)
-  images, _ = inputs(cfg, batch, seed)
-  output, out = ours(params, cfg, images)
-  with torch.no_grad():
-    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-  name = "logits" if cfg["num_classes"] else "features"
-  diffs = {name: _maxdiff(output if cfg["num_classes"] else out["pre_logits"], theirs)}
+  diffs = _outputs_vs_timm(model, params, cfg, batch, seed)
   with np.load(npz_path) as f:
     exported = {k: f[k] for k in f.files}
   loaded = timm_lib.to_ours(
@@ -192,12 +197,7 @@ def verify_timm_source(source, params, cfg, batch=2, seed=0, tol=TOL):
   model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in source.sd.items()}, strict=True)
   model.eval()
-  images, _ = inputs(cfg, batch, seed)
-  output, out = ours(params, cfg, images)
-  with torch.no_grad():
-    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-  name = "logits" if cfg["num_classes"] else "features"
-  diffs = {name: _maxdiff(output if cfg["num_classes"] else out["pre_logits"], theirs)}
+  diffs = _outputs_vs_timm(model, params, cfg, batch, seed)
   loaded = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   diffs["params"] = params_diff(npz.flatten(npz.unflatten(core.flat_params(params))),
                                 timm_lib.import_params(loaded, model, cfg, "timm model"))

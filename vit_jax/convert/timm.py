@@ -108,8 +108,11 @@ def npz_params(params, cfg, notes=None):
   check(cfg)
   flat = core.fold_qk_scale(core.flat_params(params), cfg, notes)
   flat[npz.POSEMB] = core.position_table(flat, cfg)
+  for key in (npz.POSEMB_ROW, npz.POSEMB_COL):  # learn2d: now in the table.
+    flat.pop(key, None)
   if cfg["posemb"] != "learn":
-    notes.append(f"posemb={cfg['posemb']!r} written as the (fixed) values of pos_embed")
+    notes.append(f"posemb={cfg['posemb']!r} written as the values of pos_embed "
+                 "it adds")
   if "mask_token" in flat:
     del flat["mask_token"]
     notes.append("mask_token dropped: timm VisionTransformer has none")

@@ -38,6 +38,7 @@ from vit_jax.data.sources import TfdsSource
 from vit_jax.data.sources import check_image
 from vit_jax.data.sources import check_images
 from vit_jax.data.sources import decode_image
+from vit_jax.data.sources import digits_canvas_source
 from vit_jax.data.sources import digits_source
 from vit_jax.data.sources import digits_value_source
 from vit_jax.data.sources import get_source

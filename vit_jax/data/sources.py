@@ -31,6 +31,10 @@ Dataset names understood by `get_source`:
 - `"digits_value"`: a regression demo: the same images and split as
   `"digits"`, label = the digit's value as a float (0.0 .. 9.0),
   `num_classes` None.
+- `"digits_canvas"`: the same digits and split, each drawn at twice its
+  size (16x16) at a random but fixed position of a black 32x32 canvas
+  (`canvas_digits`): a small offline dataset on which position embeddings
+  and pooling matter.
 - `"folder:/abs/path"`: images in `root/<split>/<class>/*.{jpg,jpeg,png}`
   (class labels), or, when `root/<split>/labels.csv` exists, the images it
   lists with float labels: a header `filename,label`, filenames relative to
@@ -180,6 +184,26 @@ def split_slice(split, sizes_by_split):
                      bound(m.group(4), m.group(5)))
 
 
+DIGITS_CANVAS = 32        # Side of the digits_canvas images.
+DIGITS_CANVAS_SEED = 1234  # Positions of the digits on the canvas.
+
+
+def canvas_digits(images, side=DIGITS_CANVAS, seed=DIGITS_CANVAS_SEED):
+  """Each 8x8 digit drawn 2x (16x16) at a random position of a black canvas.
+
+  Positions are fixed by `seed` and the example's index in scikit-learn's
+  order, so every split and slice sees the same image for an example.
+  """
+  n, h, w, c = images.shape
+  big = images.repeat(2, axis=1).repeat(2, axis=2)
+  offsets = np.random.default_rng(seed).integers(
+      0, side - 2 * max(h, w) + 1, size=(n, 2))
+  out = np.zeros((n, side, side, c), np.uint8)
+  for i, (y, x) in enumerate(offsets):
+    out[i, y:y + 2 * h, x:x + 2 * w] = big[i]
+  return out
+
+
 def _digits(dataset, split):
   """(images uint8 [n, 8, 8, 1], int labels [n]) of a split of the digits.
 
@@ -196,6 +220,8 @@ def _digits(dataset, split):
     raise ValueError(f"split {split!r} of dataset \"{dataset}\" is empty")
   digits = sklearn.datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  if dataset == "digits_canvas":
+    images = canvas_digits(images)
   return images[index], digits.target[index]
 
 
@@ -205,6 +231,14 @@ def digits_source(split):
   return ArraySource(images, labels, num_classes=10,
                      class_names=[str(i) for i in range(10)],
                      name=f"digits:{split}")
+
+
+def digits_canvas_source(split):
+  """Digits at random positions on a 32x32 canvas (position matters)."""
+  images, labels = _digits("digits_canvas", split)
+  return ArraySource(images, labels, num_classes=10,
+                     class_names=[str(i) for i in range(10)],
+                     name=f"digits_canvas:{split}")
 
 
 def digits_value_source(split):
@@ -650,8 +684,8 @@ def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
   """Returns the source for dataset `name` and `split`.
 
   Args:
-    name: "digits", "digits_value", "folder:/abs/path", "tfds:name" or a
-      plain tfds name (see the module doc).
+    name: "digits", "digits_value", "digits_canvas", "folder:/abs/path",
+      "tfds:name" or a plain tfds name (see the module doc).
     split: split name; tfds accepts slicing such as "train[:90%]".
     data_dir: tfds data directory (tfds datasets only; ignored otherwise).
     strict_images: image folders: a damaged image file is an `errors.Error`
@@ -660,11 +694,12 @@ def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
     **kwargs: `num_channels`, `class_names` for folders; `image_key`,
       `label_key` for tfds.
   """
-  if name in ("digits", "digits_value"):
+  bundled = {"digits": digits_source, "digits_value": digits_value_source,
+             "digits_canvas": digits_canvas_source}
+  if name in bundled:
     if kwargs:
       raise ValueError(f"{name} takes no options, got {sorted(kwargs)}")
-    return digits_source(split) if name == "digits" else digits_value_source(
-        split)
+    return bundled[name](split)
   if name.startswith("folder:"):
     return FolderSource(name[len("folder:"):], split,
                         strict_images=bool(strict_images), **kwargs)

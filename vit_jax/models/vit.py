@@ -31,7 +31,7 @@ from vit_jax.sizes import pair
 Dtype = Any
 
 CLASSIFIERS = ("token", "gap", "map", "unpooled")
-POSEMBS = ("learn", "sincos2d", "sincos1d", "none")
+POSEMBS = ("learn", "learn2d", "sincos2d", "sincos1d", "none")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 
 
@@ -184,6 +184,50 @@ class AddPositionEmbs(nn.Module):
     return x + pe.astype(x.dtype)
 
 
+def learn2d_table(row, col, num_prefix_tokens: int):
+  """[1, prefix + h * w, D] from row [1, h, D/2] and col [1, w, D/2] tables.
+
+  The patch at (i, j) gets concat(row[i], col[j]); the prefix (cls) positions
+  get 0. numpy in, numpy out; jax arrays otherwise.
+  """
+  xp = np if isinstance(row, np.ndarray) and isinstance(col, np.ndarray) else jnp
+  h, w, half = row.shape[1], col.shape[1], row.shape[2]
+  rows = xp.broadcast_to(row[0][:, None, :], (h, w, half))
+  cols = xp.broadcast_to(col[0][None, :, :], (h, w, col.shape[2]))
+  grid = xp.concatenate([rows, cols], axis=-1).reshape(1, h * w, -1)
+  prefix = xp.zeros((1, num_prefix_tokens, grid.shape[-1]), grid.dtype)
+  return xp.concatenate([prefix, grid], axis=1)
+
+
+class AddPositionEmbs2D(nn.Module):
+  """Adds the learned 2-D position embedding (ViT paper, Table 8's "2-D").
+
+  `pos_embedding_row` [1, h, D/2] and `pos_embedding_col` [1, w, D/2]: the patch
+  at (i, j) gets concat(row[i], col[j]), the prefix (cls) tokens nothing. At
+  another grid each table is resampled along its one axis.
+  """
+  grid: Tuple[int, int]
+  num_prefix_tokens: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, grid: Tuple[int, int]):
+    half = x.shape[-1] // 2
+    init = nn.initializers.normal(stddev=0.02)
+    row = self.param("pos_embedding_row", init, (1, self.grid[0], half),
+                     self.param_dtype)
+    col = self.param("pos_embedding_col", init, (1, self.grid[1], half),
+                     self.param_dtype)
+    if grid[0] != self.grid[0]:
+      row = posemb_lib.resample(row, (self.grid[0], 1), (grid[0], 1), 0,
+                                "bicubic")
+    if grid[1] != self.grid[1]:
+      col = posemb_lib.resample(col, (1, self.grid[1]), (1, grid[1]), 0,
+                                "bicubic")
+    table = learn2d_table(row, col, self.num_prefix_tokens)
+    return x + table.astype(x.dtype)
+
+
 def fixed_posemb(kind: str, grid: Tuple[int, int], num_prefix_tokens: int,
                  dim: int) -> np.ndarray:
   """Fixed table [1, prefix + h * w, dim]; sincos2d has 0 at the prefix."""
@@ -244,6 +288,11 @@ class Encoder(nn.Module):
                           num_prefix_tokens=self.num_prefix_tokens,
                           param_dtype=self.param_dtype,
                           name="posembed_input")(x, grid)
+    elif self.posemb == "learn2d":
+      x = AddPositionEmbs2D(grid=self.grid,
+                            num_prefix_tokens=self.num_prefix_tokens,
+                            param_dtype=self.param_dtype,
+                            name="posembed_input")(x, grid)
     elif self.posemb != "none":
       table = fixed_posemb(self.posemb, grid, self.num_prefix_tokens,
                            x.shape[-1])
@@ -335,7 +384,8 @@ class VisionTransformer(nn.Module):
     num_channels: image channels (the decoder reconstructs as many).
     classifier: "token" (cls token), "gap" (mean of the tokens after
       encoder_norm), "map" (attention pooling) or "unpooled" (all tokens).
-    posemb: "learn", "sincos2d", "sincos1d" or "none".
+    posemb: "learn" (1-D table), "learn2d" (row and column tables of D/2,
+      concatenated; none at the cls token), "sincos2d", "sincos1d" or "none".
     representation_size: width of the Dense + tanh `pre_logits` layer, if any.
     dropout_rate, attention_dropout_rate: dropout on activations / on the
       attention probabilities, in train mode only.
@@ -410,6 +460,10 @@ class VisionTransformer(nn.Module):
     if self.posemb == "sincos2d" and self.hidden_size % 4:
       raise ValueError(f"posemb='sincos2d' needs hidden_size divisible by 4, "
                        f"got {self.hidden_size}")
+    if self.posemb == "learn2d" and self.hidden_size % 2:
+      raise ValueError(f"posemb='learn2d' needs an even hidden_size (row and "
+                       f"column tables of hidden_size / 2), got "
+                       f"{self.hidden_size}")
     if (self.remat_policy != "none" and
         not hasattr(jax.checkpoint_policies, self.remat_policy)):
       known = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
