@@ -18,6 +18,8 @@ from vit_jax.analysis import filters
 from vit_jax.analysis import posemb_similarity
 from vit_jax.analysis import rollout
 
+from test_cli_errors import one_error_line  # pylint: disable=g-bad-import-order
+
 # Attention distance.
 
 
@@ -241,31 +243,22 @@ def test_cli_end_to_end(tiny_npz, tmp_path, capsys):
   print(printed.out)  # The summary, for `pytest -s`.
 
 
-def _one_error_line(rc, capfd):
-  out, err = capfd.readouterr()
-  lines = [l for l in err.splitlines() if l.strip()]
-  assert rc == 1, (out, err)
-  assert "Traceback" not in out + err
-  assert len(lines) == 1 and lines[0].startswith("error: "), err
-  return lines[0]
-
-
 def test_cli_bad_input(tiny_npz, tmp_path, capfd):
-  line = _one_error_line(analyze.run(
+  line = one_error_line(analyze.run(
       ["analyze", f"--init={tiny_npz}", "--model=testing", "--what=distance,x",
        f"--output_dir={tmp_path}"]), capfd)
   assert "'x'" in line and "distance,posemb,rollout,filters" in line
-  line = _one_error_line(analyze.run(
+  line = one_error_line(analyze.run(
       ["analyze", f"--workdir={tmp_path}/missing"]), capfd)
   assert "does not exist" in line
   no_posemb = str(tmp_path / "none.npz")  # As saved with posemb="none".
   with np.load(tiny_npz) as f:
     np.savez(no_posemb, **{k: f[k] for k in f.files if "posembed" not in k})
-  line = _one_error_line(analyze.run(
+  line = one_error_line(analyze.run(
       ["analyze", f"--init={no_posemb}", "--model=testing",
        f"--output_dir={tmp_path}"]), capfd)
   assert "--override=posemb=" in line
-  line = _one_error_line(analyze.run(
+  line = one_error_line(analyze.run(
       ["analyze", f"--init={no_posemb}", "--model=testing",
        "--override=posemb=none", "--override=image_size=16", "--what=posemb",
        f"--output_dir={tmp_path}"]), capfd)

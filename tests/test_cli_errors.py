@@ -78,7 +78,8 @@ MAIN = [
 ]
 
 
-def _check(rc, capfd):
+def one_error_line(rc, capfd):
+  """Asserts exit 1, one stderr line `error: ...`, no traceback; returns it."""
   out, err = capfd.readouterr()
   lines = [l for l in err.splitlines() if l.strip()]
   assert rc == 1, (out, err)
@@ -91,7 +92,7 @@ def _check(rc, capfd):
 def test_main(args, message, files, capfd):
   args = [a.format(**files) for a in args]
   rc = main.run(["main", *TINY, *args, f"--workdir={files['workdir']}"])
-  assert message.format(**files) in _check(rc, capfd)
+  assert message.format(**files) in one_error_line(rc, capfd)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -106,7 +107,7 @@ def test_main(args, message, files, capfd):
 ])
 def test_fewshot(args, message, files, capfd):
   rc = fewshot.run(["fewshot", *[a.format(**files) for a in args]])
-  assert message.format(**files) in _check(rc, capfd)
+  assert message.format(**files) in one_error_line(rc, capfd)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -119,7 +120,7 @@ def test_fewshot(args, message, files, capfd):
 ])
 def test_convert(args, message, files, capfd):
   rc = convert.main([a.format(**files) for a in args])
-  assert message.format(**files) in _check(rc, capfd)
+  assert message.format(**files) in one_error_line(rc, capfd)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -131,7 +132,7 @@ def test_convert(args, message, files, capfd):
 ])
 def test_bench(args, message, capfd):
   rc = bench.main(["bench", *args])
-  assert message in _check(rc, capfd)
+  assert message in one_error_line(rc, capfd)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -142,7 +143,7 @@ def test_bench(args, message, capfd):
 def test_analyze(args, message, files, capfd):
   from vit_jax import analyze  # pylint: disable=g-import-not-at-top
   rc = analyze.run(["analyze", *[a.format(**files) for a in args]])
-  assert message.format(**files) in _check(rc, capfd)
+  assert message.format(**files) in one_error_line(rc, capfd)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -155,4 +156,4 @@ def test_analyze(args, message, files, capfd):
 def test_sweep(args, message, files, capfd):
   from vit_jax import sweep  # pylint: disable=g-import-not-at-top
   rc = sweep.run(["sweep", *[a.format(**files) for a in args]])
-  assert message.format(**files) in _check(rc, capfd)
+  assert message.format(**files) in one_error_line(rc, capfd)
