@@ -21,9 +21,6 @@ import inspect
 from vit_jax import errors
 from vit_jax import plugins
 
-SCHEDULE_FIELDS = ("type", "every")
-
-
 def _evaluator_class(name, kind):
   module = plugins.load("vit_jax.evaluators", kind)
   if module is None or not hasattr(module, "Evaluator"):

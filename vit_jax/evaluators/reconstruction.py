@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import data
+from vit_jax import losses
 from vit_jax import masking
 from vit_jax import sharding
 from vit_jax.evaluators import common
@@ -84,14 +85,18 @@ class Evaluator:
     self.baseline_examples = int(baseline_examples)
     self._mean_image = None
     self._sums = None
+    self._stride_px = None
+    self._predict = jax.jit(predict_fn)
 
   def _stride(self, params):
     """Pixels per patch, from the shape of the model's patch grid."""
-    dummy = jnp.zeros((1, *self.image_size, self._channels()), jnp.float32)
-    stem = jax.eval_shape(lambda p: self.predict_fn(p, dummy)[1]["stem"],
-                          params)
-    h, w = self.image_size
-    return h // stem.shape[1], w // stem.shape[2]
+    if self._stride_px is None:
+      dummy = jnp.zeros((1, *self.image_size, self._channels()), jnp.float32)
+      stem = jax.eval_shape(lambda p: self.predict_fn(p, dummy)[1]["stem"],
+                            params)
+      h, w = self.image_size
+      self._stride_px = (h // stem.shape[1], w // stem.shape[2])
+    return self._stride_px
 
   def _channels(self):
     if self.num_channels:
@@ -124,18 +129,20 @@ class Evaluator:
     return masking.example_masks(self.rng, indices, grid, self.ratio,
                                  self.mask_unit // sh), (sh, sw)
 
+  def pixel_mask(self, mask, stride):
+    """[B, h * w] patch mask -> [B, H, W, 1] float pixel mask."""
+    grid = (self.image_size[0] // stride[0], self.image_size[1] // stride[1])
+    return losses.upsample_mask(mask, grid, stride)[..., None]
+
   def _build(self, params):
-    _, stride = self.masks(params, np.zeros(1, np.int32))
     mean = jnp.asarray(self.mean_image())
 
     def per_example(params, batch):
       images = batch["image"]
-      mask, _ = self.masks(params, batch["index"])
+      mask, stride = self.masks(params, batch["index"])
       recon, _ = self.predict_fn(params, images, bool_masked_pos=mask)
-      b, h, w, _ = images.shape
-      pix = jnp.repeat(jnp.repeat(mask.reshape(b, h // stride[0], -1),
-                                  stride[0], 1), stride[1], 2)[..., None]
-      pix = pix.astype(jnp.float32)
+      b = images.shape[0]
+      pix = self.pixel_mask(mask, stride)
       err = jnp.abs(images - recon.astype(jnp.float32)) * pix
       base = jnp.abs(images - mean[None]) * pix
       return {"abs": err.reshape(b, -1).sum(-1),
@@ -170,12 +177,10 @@ class Evaluator:
     mask, stride = self.masks(params, np.arange(n, dtype=np.int32))
     params = jax.tree.map(
         lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
-    recon, _ = jax.jit(self.predict_fn)(params, jnp.asarray(images),
-                                        bool_masked_pos=mask)
+    recon, _ = self._predict(params, jnp.asarray(images),
+                             bool_masked_pos=mask)
     recon = np.asarray(sharding.to_numpy(recon), np.float32)
-    h, w = self.image_size
-    pix = np.asarray(mask).reshape(n, h // stride[0], w // stride[1])
-    pix = pix.repeat(stride[0], 1).repeat(stride[1], 2)[..., None]
+    pix = np.asarray(self.pixel_mask(mask, stride)) > 0
     masked_input = np.where(pix, 0.0, images)
     pasted = np.where(pix, recon, images)
     return images, masked_input, recon, pasted
