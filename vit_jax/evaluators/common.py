@@ -21,8 +21,8 @@ from vit_jax import sharding
 def load_source(dataset, split, data_dir=None, strict_images=False):
   """`data.get_source` with a one-line error naming the dataset and split."""
   try:
-    options = {"strict_images": True} if strict_images else {}
-    return data.get_source(dataset, split, data_dir=data_dir, **options)
+    return data.get_source(dataset, split, data_dir=data_dir,
+                           strict_images=strict_images)
   except (ValueError, KeyError, FileNotFoundError, NotADirectoryError,
           ImportError) as e:
     msg = e.args[0] if e.args else str(e)
