@@ -100,6 +100,34 @@ def test_load_init_options(pretrained_npz):
       ["Dense_0"]["kernel"])
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_load_init_resamples_relative_tables(tmp_path, scan):
+  """posemb="relative": each block's table resized bilinearly to the grid."""
+  pre = _init(16, 10, posemb="relative")
+  rng = np.random.default_rng(0)
+  pre = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), pre)
+  path = str(tmp_path / "relative.npz")
+  npz.save_npz(path, pre)
+  target = _init(32, 10, posemb="relative", scan=scan)
+  out = checkpoint.flatten(checkpoint.load_init(target, _cfg(path), (8, 8),
+                                                log=print))
+  flat_pre = checkpoint.flatten(pre)
+  for i in range(2):
+    key = f"Transformer/encoderblock_{i}/{npz.RELATIVE_BIAS}"
+    assert flat_pre[key].shape == (7 * 7 + 3, 2)
+    expected = posemb.resample_relative(flat_pre[key], (4, 4), (8, 8), 1)
+    got = (out[f"Transformer/encoderblock/{npz.RELATIVE_BIAS}"][i] if scan
+           else out[key])
+    assert got.shape == (15 * 15 + 3, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_array_equal(got[-3:], flat_pre[key][-3:])
+  with pytest.raises(errors.Error, match=r"relative_position_bias in .* has 52 "
+                     r"relative positions, model expects 228: pass "
+                     r"--config.resample_posemb"):
+    checkpoint.load_init(target, _cfg(path, resample_posemb=False), (8, 8),
+                         log=print)
+
+
 def test_load_init_from_simmim_checkpoint(tmp_path):
   """SimMIM -> classification: decoder and mask token dropped, encoder kept."""
   mim = _init(16, 0, decoder=True)

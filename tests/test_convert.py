@@ -206,6 +206,11 @@ REFUSALS = [
     ("timm", dict(decoder=True, num_classes=0), "use --to=hf"),
     ("timm", dict(layer_norm_eps=1e-12), "use --to=hf"),
     ("timm", dict(classifier="unpooled", num_classes=0), "not a timm global_pool"),
+    ("hf", dict(posemb="relative"), r"^posemb='relative' \(relative position bias "
+     r"in attention\) has no equivalent in transformers ViTModel: keep the \.npz"),
+    ("timm", dict(posemb="relative", classifier="gap"), r"^posemb='relative' "
+     r"\(relative position bias in attention\) has no equivalent in timm "
+     r"VisionTransformer: keep the \.npz"),
 ]
 
 
@@ -233,6 +238,30 @@ def test_infer_model_config():
   assert infer.model_config(params, image_size=(16, 24))["image_size"] == (16, 24)
   with pytest.raises(ValueError, match="gives 3x3 = 9"):
     infer.model_config(params, image_size=12)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_cli_refuses_relative_posemb_in_one_line(tmp_path, capsys, classifier):
+  """An .npz of a posemb="relative" model is inferred as such, kept by --to=npz and
+  refused by --to=hf / --to=timm with one line naming it."""
+  cfg, params = _case(dict(posemb="relative", classifier=classifier))
+  path = tmp_path / "rel.npz"
+  npz.save_npz(path, params)
+  inferred = infer.model_config(npz.load_npz(path))
+  assert inferred["posemb"] == "relative" and inferred["image_size"] == 16
+  for target, name in (("hf", "transformers ViTModel"),
+                       ("timm", "timm VisionTransformer")):
+    out = tmp_path / (target + (".npz" if target == "timm" else ""))
+    assert cli.main([f"--from={path}", f"--to={target}", f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: posemb='relative' (relative position bias in "
+                          f"attention) has no equivalent in {name}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+  assert cli.main([f"--from={path}", "--to=npz", f"--out={tmp_path / 'b.npz'}",
+                   "--verify"]) == 0
+  assert "--config.model.posemb=relative" in capsys.readouterr().out
+  _assert_params_equal(params, npz.load_npz(tmp_path / "b.npz"))
 
 
 @pytest.fixture(scope="module")

@@ -65,14 +65,16 @@ def dense(p, x):
   return x @ p["kernel"] + p["bias"]
 
 
-def attention(p, xq, xkv, scale=None, head_mask=None):
-  """Returns (output [B, T, D], weights [B, H, T, S])."""
+def attention(p, xq, xkv, scale=None, head_mask=None, bias=None):
+  """Returns (output [B, T, D], weights [B, H, T, S]); bias [H, T, S]."""
   def proj(name, x):
     y = np.einsum("btd,dhk->bthk", x, p[name]["kernel"])
     return y + p[name]["bias"] if "bias" in p[name] else y
   q, k, v = proj("query", xq), proj("key", xkv), proj("value", xkv)
   scale = q.shape[-1]**-0.5 if scale is None else scale
   logits = np.einsum("bqhk,bshk->bhqs", q, k) * scale
+  if bias is not None:
+    logits = logits + bias[None]
   weights = scipy.special.softmax(logits, axis=-1)
   if head_mask is not None:
     weights = weights * head_mask[None, :, None, None]
@@ -85,10 +87,11 @@ def mlp(p, x, approximate=True):
   return dense(p["Dense_1"], gelu(dense(p["Dense_0"], x), approximate))
 
 
-def block(p, x, eps=1e-6, approximate=True, scale=None, head_mask=None):
+def block(p, x, eps=1e-6, approximate=True, scale=None, head_mask=None,
+          bias=None):
   y, weights = attention(p["MultiHeadDotProductAttention_1"],
                          ln(p["LayerNorm_0"], x, eps),
-                         ln(p["LayerNorm_0"], x, eps), scale, head_mask)
+                         ln(p["LayerNorm_0"], x, eps), scale, head_mask, bias)
   x = x + y
   x = x + mlp(p["MlpBlock_3"], ln(p["LayerNorm_2"], x, eps), approximate)
   return x, weights
@@ -410,6 +413,137 @@ def test_learn2d_embeddings(classifier):
   table = learn2d_reference(row5[None], col3[None], prefix)
   np.testing.assert_allclose(out["embeddings"], tokens(out, 15) + table,
                              rtol=1e-5, atol=1e-5)
+
+
+def relative_bias_reference(table, h, w, prefix):
+  """BEiT's bias [H, T, T] from a table [(2h-1)(2w-1) + 3 * prefix, H].
+
+  Built with loops over query (r1, c1) and key (r2, c2) patches; with a cls
+  token at 0: cls -> patch n, patch -> cls n + 1, cls -> cls n + 2.
+  """
+  table = np.asarray(table, np.float64)
+  n = (2 * h - 1) * (2 * w - 1)
+  t = prefix + h * w
+  index = np.zeros((t, t), np.int64)
+  for r1 in range(h):
+    for c1 in range(w):
+      for r2 in range(h):
+        for c2 in range(w):
+          index[prefix + r1 * w + c1, prefix + r2 * w + c2] = (
+              (r1 - r2 + h - 1) * (2 * w - 1) + (c1 - c2 + w - 1))
+  if prefix:
+    for j in range(1, t):
+      index[0, j] = n
+      index[j, 0] = n + 1
+    index[0, 0] = n + 2
+  return table[index].transpose(2, 0, 1)
+
+
+def relative_forward_reference(params, out, h, w, prefix, layers):
+  """Blocks of the numpy reference from the model's embeddings, bias added."""
+  p = to64(params)
+  x = np.asarray(out["embeddings"], np.float64)
+  blocks, weights = [], []
+  for i in range(layers):
+    bp = p["Transformer"][f"encoderblock_{i}"]
+    table = bp["MultiHeadDotProductAttention_1"]["relative_position_bias"]
+    x, wts = block(bp, x, bias=relative_bias_reference(table, h, w, prefix))
+    blocks.append(x)
+    weights.append(wts)
+  return p, blocks, weights
+
+
+def stack_blocks(params, layers):
+  stacked = dict(params)
+  stacked["Transformer"] = {k: v for k, v in params["Transformer"].items()
+                            if not k.startswith("encoderblock_")}
+  stacked["Transformer"]["encoderblock"] = jax.tree_util.tree_map(
+      lambda *xs: np.stack(xs),
+      *[params["Transformer"][f"encoderblock_{i}"] for i in range(layers)])
+  return stacked
+
+
+@pytest.mark.parametrize("classifier,scan", [("token", False), ("gap", False),
+                                             ("token", True)])
+def test_relative_bias_against_reference(classifier, scan):
+  """Non-square 4 x 6 grid, random (non-zero) tables, weights post-softmax."""
+  shape = (BATCH, 16, 24, 3)
+  kw = dict(image_size=(16, 24), patch_size=4, classifier=classifier,
+            num_layers=2, posemb="relative")
+  model = models.create("testing", **kw)
+  params = random_params(model, shape)
+  images = random_images(shape)
+  prefix = 1 if classifier == "token" else 0
+  applied = stack_blocks(params, 2) if scan else params
+  scan_model = models.create("testing", scan=scan, **kw)
+  logits, out = apply_fn(scan_model, output_attentions=True,
+                         output_hidden_states=True)({"params": applied}, images)
+  stem = np.asarray(out["stem"], np.float64).reshape(BATCH, 24, 16)
+  if prefix:  # Nothing is added to the tokens.
+    stem = np.concatenate([np.broadcast_to(params["cls"], (BATCH, 1, 16)),
+                           stem], axis=1)
+  np.testing.assert_allclose(out["embeddings"], stem, rtol=1e-6, atol=1e-6)
+  p, blocks, weights = relative_forward_reference(params, out, 4, 6, prefix, 2)
+  for i in range(2):
+    np.testing.assert_allclose(out[f"block{i}"], blocks[i], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(out[f"block{i}/attention"], weights[i],
+                               rtol=1e-4, atol=1e-5)
+  encoded = ln(p["Transformer"]["encoder_norm"], blocks[-1])
+  pooled = encoded[:, 0] if prefix else encoded.mean(1)
+  np.testing.assert_allclose(logits, dense(p["head"], pooled), rtol=1e-4,
+                             atol=1e-4)
+  # The dot_product_attention path adds the same bias.
+  fast_logits, fast_out = apply_fn(scan_model)({"params": applied}, images)
+  np.testing.assert_allclose(fast_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fast_out["encoded"], out["encoded"], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_relative_bias_at_another_grid():
+  """interpolate_pos_encoding: offsets resized bilinearly per head, cls kept."""
+  shape = (BATCH, 16, 16, 3)  # Patch 8: a 2 x 2 grid, 3 x 3 offsets + 3.
+  model = models.create("testing", image_size=16, posemb="relative")
+  params = random_params(model, shape)
+  block0 = params["Transformer"]["encoderblock_0"]
+  attn = block0["MultiHeadDotProductAttention_1"]
+  table = np.asarray(attn["relative_position_bias"])
+  assert table.shape == (9 + 3, 2)
+  images = random_images((BATCH, 24, 32, 3))  # A 3 x 4 grid: 5 x 7 offsets.
+  with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+    apply_fn(model)({"params": params}, images)
+  fn = apply_fn(model, output_attentions=True, output_hidden_states=True,
+                interpolate_pos_encoding=True)
+  _, out = fn({"params": params}, images)
+  offsets = table[:9].reshape(3, 3, 2)
+  mat_h = posemb.interpolation_matrix(3, 5, "bilinear")
+  mat_w = posemb.interpolation_matrix(3, 7, "bilinear")
+  resized = np.einsum("yh,xw,hwc->yxc", mat_h, mat_w, offsets).reshape(35, 2)
+  resized = np.concatenate([resized, table[9:]])
+  x = np.asarray(out["embeddings"], np.float64)
+  p = to64(params)["Transformer"]["encoderblock_0"]
+  expected, wts = block(p, x, bias=relative_bias_reference(resized, 3, 4, 1))
+  np.testing.assert_allclose(out["block0"], expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["block0/attention"], wts, rtol=1e-4,
+                             atol=1e-5)
+  # A table constant per head over the offsets stays constant: the bias of the
+  # 3 x 4 grid has that constant on every patch pair and the cls entries kept.
+  const = np.concatenate([np.broadcast_to([[0.7, -1.1]], (9, 2)),
+                          [[2., 3.], [-4., 5.], [6., -7.]]]).astype(np.float32)
+  new = posemb.resample_relative(const, (2, 2), (3, 4), 1)
+  assert new.shape == (35 + 3, 2)
+  np.testing.assert_allclose(new[:35], np.broadcast_to([[0.7, -1.1]], (35, 2)),
+                             atol=1e-6)
+  np.testing.assert_array_equal(new[35:], const[9:])
+  attn["relative_position_bias"] = const
+  _, out = fn({"params": params}, images)
+  x = np.asarray(out["embeddings"], np.float64)
+  bias = relative_bias_reference(new, 3, 4, 1)
+  np.testing.assert_allclose(bias[:, 1:, 1:],
+                             np.broadcast_to([[[0.7]], [[-1.1]]], (2, 12, 12)),
+                             atol=1e-6)
+  expected, _ = block(p, x, bias=bias)
+  np.testing.assert_allclose(out["block0"], expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------- training-mode behaviour

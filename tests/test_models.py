@@ -45,6 +45,10 @@ def _count(shapes):
     ("B/16", {"classifier": "gap"}, 86_566_120),
     # 197 x 768 learned positions -> (14 + 14) x 384 row and column ones.
     ("B/16", {"posemb": "learn2d"}, 86_567_656 - 197 * 768 + 28 * 384),
+    # No absolute table; per block ((2 * 14 - 1) ** 2 + 3 cls entries) x 12
+    # heads of relative position bias.
+    ("B/16", {"posemb": "relative"},
+     86_567_656 - 197 * 768 + 12 * ((2 * 14 - 1)**2 + 3) * 12),
     ("R50+B/16", {}, 98_659_112),
 ])
 def test_parameter_counts(name, overrides, expected):
@@ -139,6 +143,48 @@ def test_learn2d_parameters(classifier):
   assert learn[pe] == (1, prefix + 24, 16)
   assert set(learn) - {pe} == set(learn2d) - {pe + "_row", pe + "_col"}
   assert _count(learn2d) == _count(learn) - (prefix + 4 * 6) * 16 + (4 + 6) * 8
+
+
+def _relative_size(grid, classifier):
+  """(2h - 1)(2w - 1) offsets, plus cls -> patch, patch -> cls, cls -> cls."""
+  extra = 3 if classifier == "token" else 0
+  return (2 * grid[0] - 1) * (2 * grid[1] - 1) + extra
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_relative_parameters(classifier):
+  """Per-block [(2h - 1)(2w - 1) + extra, heads] tables replace the 1-D one."""
+  kw = dict(image_size=(16, 24), patch_size=4, classifier=classifier)
+  shape = (1, 16, 24, 3)  # A 4 x 6 grid.
+  learn = _param_shapes(models.create("testing", **kw), shape)
+  relative = _param_shapes(
+      models.create("testing", posemb="relative", num_layers=2, **kw), shape)
+  learn2 = _param_shapes(models.create("testing", num_layers=2, **kw), shape)
+  pe = "Transformer/posembed_input/pos_embedding"
+  size = _relative_size((4, 6), classifier)
+  table = "MultiHeadDotProductAttention_1/relative_position_bias"
+  for i in range(2):
+    assert relative[f"Transformer/encoderblock_{i}/{table}"] == (size, 2)
+  assert not any("posembed_input" in n for n in relative)
+  added = {f"Transformer/encoderblock_{i}/{table}" for i in range(2)}
+  assert set(learn2) - {pe} == set(relative) - added
+  prefix = 1 if classifier == "token" else 0
+  assert learn[pe] == (1, prefix + 24, 16)
+  assert _count(relative) == _count(learn2) - (prefix + 24) * 16 + 2 * size * 2
+  scanned = _param_shapes(models.create(
+      "testing", posemb="relative", num_layers=2, scan=True, **kw), shape)
+  assert scanned[f"Transformer/encoderblock/{table}"] == (2, size, 2)
+  assert _count(scanned) == _count(relative)
+
+
+def test_relative_parameter_count_of_the_testing_model():
+  """The testing model (32 px, patch 8: a 4 x 4 grid) with gap pooling."""
+  learn = _param_shapes(models.create("testing", classifier="gap"),
+                        (1, 32, 32, 3))
+  relative = _param_shapes(
+      models.create("testing", classifier="gap", posemb="relative"),
+      (1, 32, 32, 3))
+  assert _count(relative) == _count(learn) - 16 * 16 + (7 * 7) * 2
 
 
 def test_map_head_parameters():
@@ -270,7 +316,7 @@ def test_registry_errors():
     models.create("testing", hidden_size=18, num_heads=4)
   with pytest.raises(ValueError, match="unknown classifier 'cls'"):
     models.create("testing", classifier="cls")
-  with pytest.raises(ValueError, match="unknown posemb 'rope'"):
+  with pytest.raises(ValueError, match="unknown posemb 'rope'.*'relative'"):
     models.create("testing", posemb="rope")
   with pytest.raises(ValueError, match=r"posemb='learn2d' needs an even "
                      r"hidden_size.*got 15"):

@@ -251,3 +251,37 @@ def test_learn2d_tree_round_trips_and_is_inferred(tmp_path, classifier):
   del flat[npz.POSEMB_COL]
   with pytest.raises(ValueError, match="only one of"):
     infer.model_config(flat)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_relative_tree_round_trips_and_is_inferred(tmp_path, classifier):
+  """Per-block relative position tables (posemb="relative") are known names, also
+  stacked; their size gives a square grid, a non-square one needs the image size."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.convert import infer  # pylint: disable=g-import-not-at-top
+  extra = 3 if classifier == "token" else 0
+  for image_size, grid in ((16, (4, 4)), ((16, 24), (4, 6))):
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    model = models.create("testing", patch_size=4, image_size=image_size,
+                          num_layers=2, classifier=classifier, posemb="relative")
+    shapes = jax.eval_shape(lambda m=model, h=h, w=w: m.init(
+        {"params": jax.random.PRNGKey(0)}, np.zeros((1, h, w, 3), np.float32)))
+    rng = np.random.default_rng(0)
+    flat = {k: _rand(rng, *v.shape) for k, v in npz.flatten(shapes["params"]).items()}
+    key = "Transformer/encoderblock_1/" + npz.RELATIVE_BIAS
+    size = (2 * grid[0] - 1) * (2 * grid[1] - 1) + extra
+    assert flat[key].shape == (size, 2)
+    assert not any("posembed_input" in k for k in flat)
+    npz.save_npz(tmp_path / "rel.npz", npz.stack_blocks(npz.unflatten(flat)))
+    loaded = npz.load_npz(tmp_path / "rel.npz", target=shapes["params"])
+    _assert_same(loaded, flat)
+    square = isinstance(image_size, int)  # Inferred; else given.
+    cfg = infer.model_config(loaded, image_size=None if square else image_size)
+    assert cfg["posemb"] == "relative" and cfg["image_size"] == image_size
+    assert cfg["classifier"] == classifier and cfg["num_layers"] == 2
+  with pytest.raises(ValueError, match=r"relative position tables of "
+                     f"{77 + extra} rows, not .* square grid: pass --image_size"):
+    infer.model_config(loaded)
+  with pytest.raises(ValueError, match=r"image size \(16, 16\) .* gives a 4x4 grid"):
+    infer.model_config(loaded, image_size=16)

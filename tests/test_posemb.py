@@ -134,3 +134,65 @@ def test_resample_errors():
     posemb.resample(pe, (4, 4), (2, 2), num_prefix_tokens=1)
   with pytest.raises(ValueError, match="unknown resample method 'nearest'"):
     posemb.resample(pe, (3, 3), (2, 2), num_prefix_tokens=1, method="nearest")
+
+
+@pytest.mark.parametrize("grid,prefix", [((2, 3), 1), ((3, 2), 0), ((4, 4), 1)])
+def test_relative_position_index_matches_beit(grid, prefix):
+  """BEiT's construction: coords [2, N], relative coords shifted and scaled."""
+  torch = pytest.importorskip("torch")
+  h, w = grid
+  coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w),
+                                      indexing="ij")).flatten(1)
+  rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+  rel[:, :, 0] += h - 1
+  rel[:, :, 1] += w - 1
+  rel[:, :, 0] *= 2 * w - 1
+  n = (2 * h - 1) * (2 * w - 1)
+  expected = torch.zeros((prefix + h * w,) * 2, dtype=torch.long)
+  expected[prefix:, prefix:] = rel.sum(-1)
+  if prefix:
+    expected[0, 0:] = n
+    expected[0:, 0] = n + 1
+    expected[0, 0] = n + 2
+  got = posemb.relative_position_index(grid, prefix)
+  np.testing.assert_array_equal(got, expected.numpy())
+  assert posemb.relative_table_size(grid, prefix) == n + 3 * prefix
+  assert got.max() == posemb.relative_table_size(grid, prefix) - 1
+
+
+@pytest.mark.parametrize("old,new,prefix", [((2, 2), (3, 4), 1),
+                                            ((4, 3), (2, 5), 0)])
+def test_resample_relative_matches_torch_bilinear_per_head(old, new, prefix):
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(4)
+  heads, extra = 3, 3 * prefix
+  n = (2 * old[0] - 1) * (2 * old[1] - 1)
+  table = rng.normal(size=(2, n + extra, heads)).astype(np.float32)  # 2 layers
+  got = posemb.resample_relative(table, old, new, prefix)
+  new_n = (2 * new[0] - 1) * (2 * new[1] - 1)
+  assert got.shape == (2, new_n + extra, heads)
+  offsets = torch.from_numpy(table[:, :n]).reshape(
+      2, 2 * old[0] - 1, 2 * old[1] - 1, heads).permute(0, 3, 1, 2)
+  ref = torch.nn.functional.interpolate(
+      offsets, size=(2 * new[0] - 1, 2 * new[1] - 1), mode="bilinear",
+      align_corners=False).permute(0, 2, 3, 1).reshape(2, new_n, heads)
+  np.testing.assert_allclose(got[:, :new_n], ref.numpy(), atol=2e-6, rtol=0)
+  np.testing.assert_array_equal(got[:, new_n:], table[:, n:])
+  under_jit = jax.jit(lambda t: posemb.resample_relative(t, old, new, prefix))
+  np.testing.assert_allclose(np.asarray(under_jit(jnp.asarray(table))), got,
+                             atol=1e-6)
+
+
+def test_resample_relative_constant_and_errors():
+  table = np.concatenate([np.full((9, 2), 0.5, np.float32),
+                          np.float32([[1, 2], [3, 4], [5, 6]])])
+  new = posemb.resample_relative(table, (2, 2), (5, 3), 1)
+  np.testing.assert_allclose(new[:-3], 0.5, atol=1e-6)
+  np.testing.assert_array_equal(new[-3:], table[-3:])
+  same = posemb.resample_relative(table, (2, 2), (2, 2), 1)
+  np.testing.assert_allclose(same, table, atol=1e-6)
+  with pytest.raises(ValueError, match=r"shape \(12, 2\), expected \[..., 9, "
+                     r"heads\] for a 2x2 grid"):
+    posemb.resample_relative(table, (2, 2), (3, 3), 0)
+  with pytest.raises(ValueError, match="0 or 1 prefix"):
+    posemb.relative_position_index((2, 2), 2)

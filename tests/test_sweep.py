@@ -14,6 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = '''
 TINY = {tiny!r}
 
+def report(rows, root):
+  with open(root + "/report.txt", "w") as f:
+    f.write(str(len(rows)))
+  return "points reported: %d" % len(rows)
+
 def get_sweep():
   base = dict(a.split("=", 1) for a in TINY[1:])
   base = {{k[len("--config."):]: v for k, v in base.items()}}
@@ -27,7 +32,8 @@ def get_sweep():
                                         "optim.lr": 3e-3}})),
       ],
       seeds=(0, 1),
-      metrics=["eval/accuracy", "eval/loss"])
+      metrics=["eval/accuracy", "eval/loss"],
+      report=report)
 '''
 
 
@@ -52,6 +58,12 @@ def test_points_and_list(sweep_file, capsys):
   out = capsys.readouterr().out.splitlines()
   assert len(out) == 4 and out[2].startswith("2\tgap_lr-3e-3_s0")
   assert "--config.model.classifier=gap" in out[2]
+  # --set adds an override to every point (and wins over the file's).
+  assert sweep.run(["sweep", f"--config={sweep_file}", "--workdir=/tmp/x",
+                    "--list", "--set=data_dir=/data", "--set=config.optim.lr=0.5"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert all("--config.data_dir=/data" in l and "--config.optim.lr=0.5" in l
+             for l in out)
 
 
 def test_point_resume_collect(sweep_file, tmp_path, capsys):
@@ -80,6 +92,9 @@ def test_point_resume_collect(sweep_file, tmp_path, capsys):
   # The table's numbers are the mean over seeds of the final metrics.
   acc = [r["metrics"]["eval/accuracy"] for r in rows[:2]]
   assert f"{100 * sum(acc) / 2:.1f} ±" in table
+  # The sweep file's report() sees every finished point.
+  assert "points reported: 4" in table
+  assert open(os.path.join(root, "report.txt")).read() == "4"
   # --collect only gathers.
   assert sweep.run(args + ["--collect"]) == 0
   assert "| token | 2 |" in capsys.readouterr().out
@@ -92,3 +107,33 @@ def test_errors(tmp_path, capfd):
   bad.write_text("def get_sweep():\n  return dict(settings=[])\n")
   assert sweep.run(["sweep", f"--config={bad}", f"--workdir={tmp_path}"]) == 1
   assert "lists no settings" in capfd.readouterr().err
+  assert sweep.run(["sweep", f"--config={bad}", f"--workdir={tmp_path}",
+                    "--set=oops"]) == 1
+  assert "--set=oops is not KEY=VALUE" in capfd.readouterr().err
+
+
+def test_root_and_seed_placeholders():
+  """`{root}` and `{seed}` in override strings name an earlier point."""
+  setting = dict(name="ft", config="configs/canvas.py",
+                 overrides={"init": "{root}/pretrain_s{seed}",
+                            "model.resnet": "{'num_layers': (1,)}"})
+  args = sweep.argv(setting, 2, "/runs/ft_s2")
+  assert "--config.init=/runs/pretrain_s2" in args
+  assert "--config.model.resnet={'num_layers': (1,)}" in args
+  # "point" names the directory, e.g. another sweep's points under ROOT.
+  shared = dict(setting, point="study/ft")
+  assert [p[0] for p in sweep.points({"settings": [shared], "seeds": (0, 1)})] \
+      == ["study/ft_s0", "study/ft_s1"]
+
+
+def test_a_stopped_point_is_not_done(tmp_path):
+  """A run stopped by SIGTERM returns normally with a checkpoint; the sweep
+  must not mark it done (it resumes on the next run)."""
+  (tmp_path / "config.json").write_text(
+      json.dumps({"resolved": {"total_steps": 5}}))
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
+  assert not sweep._finished(str(tmp_path))  # pylint: disable=protected-access
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "eval/accuracy": 0.5}\n')
+  assert sweep._finished(str(tmp_path))  # pylint: disable=protected-access
+  assert not sweep._finished(str(tmp_path / "missing"))  # pylint: disable=protected-access

@@ -13,10 +13,10 @@ they were trained in (per-block `encoderblock_{i}`, or stacked
 converts), together with the resolved config from `DIR/config.json`.
 
 `load_init(...)` prepares fine-tuning: parameters from a published-layout
-`.npz` or a workdir, position embeddings resampled to the new grid, head reset
-to zeros, "don't load" regexes skipped. Fine-tuning from a masked-image-
-modeling (SimMIM) run drops its decoder and mask token explicitly
-(`split_unused`).
+`.npz` or a workdir, position embeddings (and posemb="relative" bias tables)
+resampled to the new grid, head reset to zeros, "don't load" regexes skipped.
+Fine-tuning from a masked-image-modeling (SimMIM) run drops its decoder and
+mask token explicitly (`split_unused`).
 """
 
 import json
@@ -293,6 +293,26 @@ def _resample_posemb(key, value, target, grid, prefix, resample, path):
       np.asarray(value), (side, side), tuple(grid), prefix, method="zoom"))
 
 
+def _resample_relative(key, value, target, grid, prefix, resample, path):
+  """Relative position tables [..., size, heads] resampled to the grid."""
+  n_old, n_new = value.shape[-2], target.shape[-2]
+  if not resample:
+    raise errors.Error(
+        f"{key} in {path} has {n_old} relative positions, model expects "
+        f"{n_new}: pass --config.resample_posemb")
+  extra = 3 * prefix
+  side = int(round((n_old - extra) ** 0.5))
+  if side * side != n_old - extra or side % 2 == 0:
+    raise errors.Error(
+        f"{key} in {path} has {n_old} relative positions, not (2s - 1)**2 + "
+        f"{extra} of a square grid: cannot resample it")
+  from vit_jax import posemb  # pylint: disable=g-import-not-at-top
+  old_grid = ((side + 1) // 2,) * 2
+  return np.asarray(posemb.resample_relative(
+      np.asarray(value, np.float32), old_grid, tuple(grid), prefix,
+      "bilinear"))
+
+
 # Parameters only a masked-image-modeling (SimMIM) model has.
 _MIM_ONLY = re.compile(r"^(decoder/.+|mask_token)$")
 
@@ -367,6 +387,10 @@ def load_init(init_params, config, grid, log=print, report=None):
     if key.endswith("pos_embedding") and value.shape != init.shape:
       value = _resample_posemb(key, value, init, grid, prefix,
                                config.get("resample_posemb"), path)
+    if (key.endswith(npz.RELATIVE_BIAS) and value.ndim == init.ndim
+        and value.shape[-2] != init.shape[-2]):
+      value = _resample_relative(key, value, init, grid, prefix,
+                                 config.get("resample_posemb"), path)
     if value.shape != init.shape:
       mismatched.append(f"{key}: checkpoint {value.shape}, model {init.shape}")
       continue

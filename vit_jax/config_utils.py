@@ -53,9 +53,9 @@ def architecture(variant):
   """
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   arch = models.get_config(variant)
-  for key in ("num_classes", "image_size"):
-    arch.pop(key, None)
-  return arch
+  valid = models.fields(variant)
+  return {k: v for k, v in arch.items()
+          if k in valid and k not in ("num_classes", "image_size")}
 
 
 def check_variant_and_dataset(variant, dataset, datasets, config_file):
@@ -73,9 +73,11 @@ def check_variant_and_dataset(variant, dataset, datasets, config_file):
 
 def shrink_to_runlocal(c, variant, eval_split):
   """A CPU-sized smoke run of a dataset config: tiny images and batches,
-  5 steps, one encoder block, 64 training and 16 evaluation examples."""
+  5 steps, one encoder block (a BiT ResNet: one unit per stage at a quarter
+  of the width), 64 training and 16 evaluation examples."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
-  stride = models.create(variant, num_classes=1).encoder_stride[0]
+  model = models.create(variant, num_classes=1)
+  stride = model.encoder_stride[0]
   c.image_size = (2 * stride, 2 * stride)
   c.batch_size = 8
   c.eval_batch_size = 8
@@ -88,7 +90,11 @@ def shrink_to_runlocal(c, variant, eval_split):
     entry.every = 5
   c.train_split = "train[:64]"
   c.eval_split = f"{eval_split}[:16]"
-  c.model.num_layers = 1
+  if models.is_bit(variant):
+    c.model.resnet = dict(num_layers=(1,) * len(model.resnet["num_layers"]),
+                          width_factor=0.25)
+  else:
+    c.model.num_layers = 1
   return c
 
 
@@ -130,10 +136,51 @@ def model_config():
   return c
 
 
-def model_kwargs(config):
-  """The set `config.model` fields, as a dict for `models.create`."""
+def model_kwargs(config, log=None):
+  """The set `config.model` fields, as a dict for `models.create`.
+
+  `config.model` holds the VisionTransformer fields. A model of another
+  family (a BiT ResNet) takes its own fields only: the config file's values
+  of the others are dropped (with a note to `log`), and one set by a
+  `--config.model.*` flag is an Error naming it.
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
   fields = config.model.to_dict() if config.get("model") else {}
-  return {k: v for k, v in fields.items() if v is not None}
+  kwargs = {k: v for k, v in fields.items() if v is not None}
+  name = config.get("model_name")
+  if name not in models.VARIANTS:
+    return kwargs
+  valid = models.fields(name)
+  foreign = sorted(k for k in kwargs if k not in valid)
+  if not foreign:
+    return kwargs
+  overrides = command_line_overrides(config)
+  flagged = [k for k in foreign if f"model.{k}" in overrides]
+  if flagged:
+    own = [k for k in valid if k not in DATA_FIELDS]
+    raise Error(f"--config.model.{flagged[0]} does not apply to {name}, a BiT "
+                f"ResNet: its model fields are {', '.join(own)} (drop the flag "
+                "or pick a ViT --config.model_name)")
+  if log is not None:
+    log(f"note: {name} is a BiT ResNet: ignoring the ViT fields of the config "
+        f"({', '.join(f'{k}={kwargs[k]!r}' for k in foreign)})")
+  return {k: v for k, v in kwargs.items() if k in valid}
+
+
+def command_line_overrides(config):
+  """Dotted names set by `--config.*` flags, when `config` is the parsed
+  `--config` of this process's command line (else empty)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  if "config" not in flags.FLAGS:
+    return {}
+  flag = flags.FLAGS["config"]
+  if flag.value is not config:
+    return {}
+  try:
+    return dict(config_flags.get_override_values(flag))
+  except (AttributeError, TypeError):  # Not a config_flags flag.
+    return {}
 
 
 def default_config():

@@ -12,7 +12,8 @@ a square position table); `--model` names the variant for what shapes do not
 show, and `--override=name=value` wins over both (e.g. the training
 `image_size` of a non-square table, `hidden_act`). With an `image_size` to run
 at, a learned position table is resampled to it (`scipy.ndimage.zoom`, as
-fine-tuning does).
+fine-tuning does). A BiT ResNet `.npz` takes its structure from `--model`
+(e.g. BiT-R50x1) and `--override` (e.g. `resnet={'width_factor': 2}`).
 """
 
 import ast
@@ -95,6 +96,8 @@ def load_npz_model(path, model_name, overrides=None, image_size=None):
     raise errors.Error(f"--init={path} does not exist")
   if not model_name:
     raise errors.Error("--init needs --model=<variant>, e.g. B/16")
+  if model_name in models.VARIANTS and models.is_bit(model_name):
+    return _load_bit_npz(path, model_name, overrides, image_size)
   try:
     params = npz.load_npz(path)
     if npz.POSEMB not in npz.flatten(params) and (
@@ -130,13 +133,44 @@ def load_npz_model(path, model_name, overrides=None, image_size=None):
   return params, model
 
 
-def load(flag_values, image_size=None):
-  """(params, model, name) from the flags of `define_flags`."""
+def _load_bit_npz(path, model_name, overrides, image_size):
+  """(params, model) of a BiT .npz: the variant with `overrides`; a ResNet
+  runs at any image size."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax import npz  # pylint: disable=g-import-not-at-top
+  if image_size is not None:
+    overrides = dict(overrides, image_size=image_size)
+  try:
+    params = npz.load_npz(path)
+    model = models.create(model_name, **overrides)
+  except (ValueError, OSError) as e:
+    raise errors.Error(f"cannot use --init={path}: {_one_line(e)}") from None
+  check_params(params, model, f"--init={path}")
+  return params, model
+
+
+def _refuse_bit(model, name, allow_bit):
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  if isinstance(model, models.BiT) and not allow_bit:
+    raise errors.Error(
+        f"{name} is a BiT ResNet: the analyses (attention, position "
+        "embeddings, patch filters) need a VisionTransformer; evaluate it "
+        "with python -m vit_jax.fewshot instead")
+
+
+def load(flag_values, image_size=None, allow_bit=False):
+  """(params, model, name) from the flags of `define_flags`.
+
+  The model is a VisionTransformer, what the analyses need; a BiT ResNet is
+  a one-line Error unless `allow_bit`.
+  """
   f = flag_values
   overrides = parse_overrides(f.override)
   if f.init:
     params, model = load_npz_model(f.init, f.model, overrides, image_size)
-    return params, model, f"{f.model} ({os.path.basename(f.init)})"
+    name = f"{f.model} ({os.path.basename(f.init)})"
+    _refuse_bit(model, name, allow_bit)
+    return params, model, name
   if overrides or f.model:
     raise errors.Error("--model and --override apply to --init; a workdir's "
                        "model comes from its config.json")
@@ -147,4 +181,5 @@ def load(flag_values, image_size=None):
   params, model, config = checkpoint.model_from_workdir(f.workdir, f.use_ema)
   name = f"{config.get('model_name', 'model')} " + (
       f"({os.path.basename(os.path.normpath(f.workdir))})")
+  _refuse_bit(model, name, allow_bit)
   return params, model, name

@@ -28,6 +28,8 @@ POSEMB = "Transformer/posembed_input/pos_embedding"
 # posemb="learn2d": row [1, h, D/2] and column [1, w, D/2] tables.
 POSEMB_ROW = POSEMB + "_row"
 POSEMB_COL = POSEMB + "_col"
+# posemb="relative": per block [(2h - 1) * (2w - 1) + 3 with cls token, heads].
+RELATIVE_BIAS = "MultiHeadDotProductAttention_1/relative_position_bias"
 
 # Prefixes under which checkpoints of other codebases keep the image model.
 _PREFIXES = ("params/img/", "opt/target/", "params/")
@@ -54,6 +56,7 @@ KNOWN_KEYS = tuple(re.compile(p) for p in (
     r"Transformer/encoderblock_\d+/LayerNorm_[02]/(scale|bias)",
     r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/"
     r"(query|key|value|out)/(kernel|bias)",
+    r"Transformer/encoderblock_\d+/" + RELATIVE_BIAS,
     r"Transformer/encoderblock_\d+/MlpBlock_3/Dense_[01]/(kernel|bias)",
     r"Transformer/encoder_norm/(scale|bias)",
     r"pre_logits/(kernel|bias)",

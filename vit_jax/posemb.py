@@ -15,6 +15,12 @@ uses its own method, and they are not interchangeable:
     without antialias, as timm's checkpoint loader.
 "bicubic" and "bilinear" are separable linear maps built in numpy from the
 static grid sizes; applying them works on numpy arrays and inside `jax.jit`.
+
+Relative position bias (posemb="relative", as BEiT / Swin): a table
+[(2h - 1) * (2w - 1) + extra, heads] per block, indexed by the offset between
+two patches (`relative_position_index`); with a cls token, `extra` = 3 entries
+for cls -> patch, patch -> cls and cls -> cls. At another grid its
+(2h - 1, 2w - 1) part is resampled per head (`resample_relative`).
 """
 
 import jax.numpy as jnp
@@ -159,3 +165,70 @@ def resample(posemb, old_grid, new_grid, num_prefix_tokens: int = 1,
   new = jnp.einsum("xw,ywd->yxd", mat_w, new, precision=hi)
   new = new.astype(dtype).reshape(1, new_h * new_w, dim)
   return jnp.concatenate([prefix, new], axis=1)
+
+
+def relative_extra(num_prefix_tokens: int) -> int:
+  """Entries of a relative table past the patch offsets: 3 with a cls token."""
+  if num_prefix_tokens not in (0, 1):
+    raise ValueError(f"relative position bias supports 0 or 1 prefix (cls) "
+                     f"tokens, got {num_prefix_tokens}")
+  return 3 * num_prefix_tokens
+
+
+def relative_table_size(grid, num_prefix_tokens: int) -> int:
+  """Rows of the relative position table: (2h - 1) * (2w - 1) + extra."""
+  h, w = pair(grid, "grid")
+  return (2 * h - 1) * (2 * w - 1) + relative_extra(num_prefix_tokens)
+
+
+def relative_position_index(grid, num_prefix_tokens: int) -> np.ndarray:
+  """BEiT's `relative_position_index` [T, T] (int32), T = prefix + h * w.
+
+  Patch tokens i = (r1, c1), j = (r2, c2) (row-major) get
+  (r1 - r2 + h - 1) * (2w - 1) + (c1 - c2 + w - 1). With a cls token at
+  position 0, with n = (2h - 1) * (2w - 1): row 0 (cls -> patch) is n, column
+  0 (patch -> cls) n + 1 and [0, 0] (cls -> cls) n + 2.
+  """
+  h, w = pair(grid, "grid")
+  relative_extra(num_prefix_tokens)  # Validates the prefix.
+  rows, cols = np.mgrid[:h, :w]
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  dr = rows[:, None] - rows[None, :] + h - 1
+  dc = cols[:, None] - cols[None, :] + w - 1
+  patches = dr * (2 * w - 1) + dc
+  if not num_prefix_tokens:
+    return patches.astype(np.int32)
+  n = (2 * h - 1) * (2 * w - 1)
+  index = np.empty((1 + h * w,) * 2, np.int64)
+  index[1:, 1:] = patches
+  index[0, :] = n
+  index[:, 0] = n + 1
+  index[0, 0] = n + 2
+  return index.astype(np.int32)
+
+
+def resample_relative(table, old_grid, new_grid, num_prefix_tokens: int,
+                      method: str = "bilinear"):
+  """Resamples relative position tables [..., size, heads] to another grid.
+
+  The (2h - 1, 2w - 1) offsets are resized per head (and per leading index,
+  e.g. stacked layers) to (2h' - 1, 2w' - 1) with `resample`; the cls entries
+  are kept. numpy in, numpy out; jax arrays otherwise.
+  """
+  old_h, old_w = pair(old_grid, "grid")
+  new_h, new_w = pair(new_grid, "grid")
+  extra = relative_extra(num_prefix_tokens)
+  size = relative_table_size((old_h, old_w), num_prefix_tokens)
+  if table.ndim < 2 or table.shape[-2] != size:
+    raise ValueError(
+        f"relative position table has shape {tuple(table.shape)}, expected "
+        f"[..., {size}, heads] for a {old_h}x{old_w} grid")
+  xp = np if isinstance(table, np.ndarray) else jnp
+  n = size - extra
+  lead = table.shape[:-2]
+  offsets = xp.moveaxis(table[..., :n, :], -2, 0).reshape(1, n, -1)
+  new = resample(offsets, (2 * old_h - 1, 2 * old_w - 1),
+                 (2 * new_h - 1, 2 * new_w - 1), 0, method)
+  new_n = (2 * new_h - 1) * (2 * new_w - 1)
+  new = xp.moveaxis(new.reshape((new_n,) + lead + table.shape[-1:]), 0, -2)
+  return xp.concatenate([new.astype(table.dtype), table[..., n:, :]], axis=-2)

@@ -4,15 +4,25 @@
   python -m vit_jax.sweep ... --list          # the points, numbered
   python -m vit_jax.sweep ... --point=3       # only point 3 (one job each)
   python -m vit_jax.sweep ... --collect       # only gather the table
+  python -m vit_jax.sweep ... --set=data_dir=/data/tfds  # for every point
 
 A sweep file defines `get_sweep()` returning a dict with
 
 - `settings`: a list of dicts `{"name": str, "config": "configs/x.py[:arg]",
-  "overrides": {"field.sub": value, ...}}`;
+  "overrides": {"field.sub": value, ...}}`, and optionally `"point"`: the
+  points' directory under ROOT (default: the name made directory-safe; a
+  path such as `other_study/setting` reuses another sweep's points);
 - `seeds`: seeds every setting is run with (`--config.seed`);
+  String values may name `{root}` (the sweep's ROOT) and `{seed}`, e.g.
+  `"init": "{root}/pretrain_s{seed}"` fine-tunes the same seed's point of an
+  earlier setting (points run in the order listed, so list it first; with
+  `--point`, run those points first);
 - `metrics` (optional): the metric keys of the table, e.g.
   `["eval/accuracy", "fewshot/digits/10shot"]` (default: every evaluator
-  metric of the last logged step).
+  metric of the last logged step);
+- `report` (optional): `report(rows, root) -> str`, called after the table
+  with the finished points' rows (as in results.jsonl); it may write PNGs
+  into ROOT and returns markdown appended to results.md.
 
 Point `<setting>_s<seed>` trains in `ROOT/<point>/` as
 `python -m vit_jax.main --config=... --config.seed=S --config.<k>=<v> ...`;
@@ -44,6 +54,9 @@ flags.DEFINE_integer("point", None, "Run only this point (see --list).",
                      flag_values=FLAGS)
 flags.DEFINE_bool("collect", False, "Only gather results.jsonl/results.md.",
                   flag_values=FLAGS)
+flags.DEFINE_multi_string(
+    "set", [], "KEY=VALUE: one more config override for every point, e.g. "
+    "--set=data_dir=/data/tfds (repeatable).", flag_values=FLAGS)
 flags.DEFINE_bool("list", False, "Print the numbered points and exit.",
                   flag_values=FLAGS)
 
@@ -89,7 +102,7 @@ def load_sweep(path):
 
 def points(sweep):
   """[(point name, setting, seed)] in a fixed order: settings, then seeds."""
-  return [(f"{slug(s['name'])}_s{seed}", s, seed)
+  return [(f"{s.get('point') or slug(s['name'])}_s{seed}", s, seed)
           for s in sweep["settings"] for seed in sweep["seeds"]]
 
 
@@ -99,12 +112,14 @@ def _flag_value(value):
   return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
-def argv(setting, seed, workdir):
+def argv(setting, seed, workdir, root=None):
   """The `vit_jax.main` command line of one point."""
+  root = os.path.dirname(workdir) if root is None else root
   args = ["vit_jax.main", f"--config={setting['config']}",
           f"--workdir={workdir}", f"--config.seed={seed}"]
   for key, value in dict(setting.get("overrides") or {}).items():
-    args.append(f"--config.{key}={_flag_value(value)}")
+    value = _flag_value(value).replace("{root}", root)
+    args.append(f"--config.{key}={value.replace('{seed}', str(seed))}")
   return args
 
 
@@ -119,6 +134,18 @@ def final_metrics(workdir):
           out.update(json.loads(line))
   out.pop("step", None)
   return out
+
+
+def _finished(workdir):
+  """Whether the run logged its last step (config.json's total_steps)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      total = json.load(f)["resolved"]["total_steps"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      steps = [json.loads(l).get("step", 0) for l in f if l.strip()]
+  except (OSError, KeyError, ValueError):
+    return False
+  return max(steps, default=0) >= total
 
 
 def run_point(name, setting, seed, root, log=print):
@@ -137,6 +164,9 @@ def run_point(name, setting, seed, root, log=print):
     raise errors.Error(f"point {name} failed (see the error above); fix it "
                        "and run the sweep again: finished points are kept")
   metrics = final_metrics(workdir)
+  if not _finished(workdir):  # Stopped by a signal: checkpointed, not done.
+    raise errors.Error(f"point {name} stopped before its last step; run the "
+                       "sweep again to resume it")
   with open(done + ".tmp", "w") as f:
     json.dump({"point": name, "setting": setting["name"], "seed": seed,
                "seconds": time.time() - start, "metrics": metrics}, f,
@@ -185,9 +215,23 @@ def collect(sweep, root):
   table = "\n".join(lines)
   note = ("Values in [0, 1] (accuracies) are shown in %; mean ± std over "
           "seeds (ddof=1).")
+  text = table + "\n\n" + note + "\n"
+  if sweep.get("report") and rows:
+    text += "\n" + sweep["report"](rows, root).strip() + "\n"
   with open(os.path.join(root, "results.md"), "w") as f:
-    f.write(table + "\n\n" + note + "\n")
-  return table
+    f.write(text)
+  return text
+
+
+def _compilation_cache(root):
+  """Points share compiled steps through a persistent cache in ROOT/.jax_cache
+  (unless JAX_COMPILATION_CACHE_DIR names another): the settings of a sweep
+  often compile the same functions, and compiling dominates short points."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(root, ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @errors.command_line
@@ -198,11 +242,21 @@ def run(argv_):
   if not FLAGS.config or not FLAGS.workdir:
     raise errors.Error("pass --config=experiments/<name>/sweep.py and "
                        "--workdir=ROOT")
+  extra = {}
+  for item in FLAGS.set:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise errors.Error(f"--set={item} is not KEY=VALUE: e.g. "
+                         "--set=data_dir=/data/tfds")
+    extra[key.removeprefix("config.")] = value
   sweep = load_sweep(FLAGS.config)
+  for setting in sweep["settings"]:
+    setting["overrides"] = dict(setting.get("overrides") or {}, **extra)
   todo = points(sweep)
   if FLAGS.list:
     for k, (name, setting, seed) in enumerate(todo):
-      print(f"{k}\t{name}\t{' '.join(argv(setting, seed, '...')[1:])}")
+      print(f"{k}\t{name}\t"
+            f"{' '.join(argv(setting, seed, '...', 'ROOT')[1:])}")
     return 0
   os.makedirs(FLAGS.workdir, exist_ok=True)
   if FLAGS.point is not None:
@@ -211,6 +265,7 @@ def run(argv_):
                          " see --list")
     todo = [todo[FLAGS.point]]
   if not FLAGS.collect:
+    _compilation_cache(FLAGS.workdir)
     for k, (name, setting, seed) in enumerate(todo):
       print(f"[{k + 1}/{len(todo)}] ", end="")
       run_point(name, setting, seed, FLAGS.workdir)

@@ -97,11 +97,18 @@ def _train_loader(config, source, image_size):
 
 
 def _create_model(config, image_size, num_channels, task_fields):
-  """The VisionTransformer of the config and task; checks the image size."""
+  """The model (VisionTransformer or BiT) of the config and task; checks the
+  image size."""
   if config.model_name not in models.VARIANTS:
     raise Error(f"unknown model variant {config.model_name!r}: use one of "
                 f"{', '.join(models.VARIANTS)} (--config.model_name)")
-  kwargs = config_utils.model_kwargs(config)
+  kwargs = config_utils.model_kwargs(
+      config, log=print if jax.process_index() == 0 else None)
+  foreign = sorted(set(task_fields) - set(models.fields(config.model_name)))
+  if foreign:
+    raise Error(f"--config.task={config.get('task')} needs a VisionTransformer "
+                f"(it sets {', '.join(foreign)}) but {config.model_name} is a "
+                "BiT ResNet: pick a ViT --config.model_name")
   kwargs.update(task_fields)
   kwargs.update(image_size=image_size, num_channels=num_channels)
   try:

@@ -4,7 +4,9 @@ SRC is a training workdir (newest checkpoint + DIR/config.json), a `.npz` checkp
 (original or big_vision layout; the model is inferred from the shapes), a Hugging
 Face ViT directory (config.json + model.safetensors / pytorch_model.bin) or a timm
 VisionTransformer state dict (FILE.safetensors / .pth / .pt / .bin, read without
-unpickling) with --timm_model=NAME or --timm_kwargs=FILE.json.
+unpickling) with --timm_model=NAME or --timm_kwargs=FILE.json. A workdir of a BiT
+ResNet converts to timm's ResNetV2 only (--to=timm: a state dict, .pth or
+.safetensors; `vit_jax.convert.bit`).
 
 Exit status: 0 on success; 1 after one line `error: ...` when --verify finds a
 difference above the tolerance, the target cannot express the model, or the input
@@ -21,6 +23,7 @@ import numpy as np
 from vit_jax import errors
 from vit_jax import npz
 from vit_jax import sizes
+from vit_jax.convert import bit as bit_lib
 from vit_jax.convert import core
 from vit_jax.convert import hf as hf_lib
 from vit_jax.convert import infer
@@ -61,7 +64,8 @@ def parser():
   p.add_argument("--hidden_act", choices=("gelu_tanh", "gelu"))
   p.add_argument("--layer_norm_eps", type=float)
   p.add_argument("--image_size", type=_size, help="N or H,W")
-  p.add_argument("--posemb", choices=("learn", "learn2d", "sincos2d", "sincos1d", "none"),
+  p.add_argument("--posemb", choices=("learn", "learn2d", "sincos2d", "sincos1d", "none",
+                                      "relative"),
                  help="position embedding of a checkpoint without a learned table")
   p.add_argument("--classifier", choices=("token", "gap", "map", "unpooled"))
   p.add_argument("--labels", help="class names: comma-separated, or @FILE with one a line")
@@ -109,8 +113,8 @@ def _merge(base, inferred):
   """Config fields + what the shapes say (shapes win for structure)."""
   cfg = dict(base)
   cfg.update({k: inferred[k] for k in STRUCTURAL})
-  if inferred["posemb"] == "learn":
-    cfg["posemb"] = "learn"
+  if inferred["posemb"] in ("learn", "relative"):
+    cfg["posemb"] = inferred["posemb"]
   elif cfg.get("posemb", "learn") == "learn":
     cfg["posemb"] = inferred["posemb"]
   classifier = cfg.get("classifier", "token")
@@ -225,6 +229,8 @@ def _flags(fields):
 def run(args, log=print):
   """Performs the conversion; returns the parity figures (or {})."""
   from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
+  if bit_lib.is_workdir(args.src):  # A BiT ResNet: timm's ResNetV2 only.
+    return bit_lib.convert_workdir(args, log)
   params, cfg, labels, kind, source = load_source(args, log)
   labels = _labels(args.labels) or labels
   cfg = core.full_config(cfg)

@@ -12,6 +12,14 @@ class Unsupported(ValueError):
   """The target cannot express a feature of the model (message names a target that can)."""
 
 
+def refuse_relative(cfg, target):
+  """`Unsupported` for posemb='relative': PyTorch ViT classes add no bias to attention."""
+  if cfg.get("posemb") == "relative":
+    raise Unsupported(
+        f"posemb='relative' (relative position bias in attention) has no "
+        f"equivalent in {target}: keep the .npz (--to=npz)")
+
+
 def full_config(cfg):
   """VisionTransformer fields: the class defaults updated with `cfg`."""
   fields = {f.name: f.default for f in dataclasses.fields(vit_lib.VisionTransformer)

@@ -47,6 +47,7 @@ _ATTN = _BLOCK + "MultiHeadDotProductAttention_1/"
 
 def architecture(cfg):
   """The HF class for model fields `cfg`, or `core.Unsupported` saying why none fits."""
+  core.refuse_relative(cfg, "transformers ViTModel")
   if cfg.get("resnet"):
     raise core.Unsupported(
         "HF ViT has no hybrid ResNet stem (ViTHybrid is a different model): a "

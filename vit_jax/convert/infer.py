@@ -5,7 +5,9 @@ kernel, (D, H, D/H)), mlp_dim, patch size, channels, pooling (cls token / MAPHea
 neither), representation size, number of classes, mask token, MIM decoder and the
 hybrid ResNet stem. The image size comes from the position table when its grid is
 square; non-square grids need the image size to be given, except with learned 2-D
-tables (`pos_embedding_row` / `_col`, posemb="learn2d"), whose shapes give the grid. The GELU variant and the
+tables (`pos_embedding_row` / `_col`, posemb="learn2d"), whose shapes give the grid.
+Relative position tables in the blocks' attention (`relative_position_bias`,
+posemb="relative") give the grid when it is square. The GELU variant and the
 LayerNorm epsilon leave no trace in the parameters: they default to the original
 checkpoints' (tanh GELU, 1e-6) and can be overridden.
 """
@@ -79,6 +81,27 @@ def _grid_2d(rows, cols, image_size, stride, what):
   return (rows, cols)
 
 
+def _grid_relative(size, prefix, image_size, stride, what):
+  """Patch grid of relative position tables of `size` rows ((2h-1)(2w-1) + 3 with cls)."""
+  extra = 3 * prefix
+  offsets = size - extra
+  if image_size is not None:
+    h, w = _grid(None, image_size, stride, what)
+    if (2 * h - 1) * (2 * w - 1) != offsets:
+      raise ValueError(
+          f"{what} has relative position tables of {size} rows but image size "
+          f"{vit.pair(image_size)} with patch size {_maybe_int(stride)} gives a "
+          f"{h}x{w} grid ({(2 * h - 1) * (2 * w - 1) + extra} rows): pass the "
+          "image size the checkpoint was trained at")
+    return (h, w)
+  side = math.isqrt(max(offsets, 0))
+  if side * side != offsets or side % 2 == 0:
+    raise ValueError(
+        f"{what} has relative position tables of {size} rows, not (2s - 1)**2 + "
+        f"{extra} of a square grid: pass --image_size=H,W")
+  return ((side + 1) // 2,) * 2
+
+
 def model_config(params, image_size=None, posemb=None, what="checkpoint"):
   """Returns the VisionTransformer fields of a parameter tree (our layout).
 
@@ -88,7 +111,8 @@ def model_config(params, image_size=None, posemb=None, what="checkpoint"):
       the model has no learned position table.
     posemb: kind of position embedding when the tree has no learned table
       ("sincos2d", "sincos1d" or "none"); defaults to "sincos2d". A tree with
-      `pos_embedding_row` / `_col` is "learn2d", with `pos_embedding` "learn".
+      `pos_embedding_row` / `_col` is "learn2d", with `pos_embedding` "learn",
+      with `relative_position_bias` in its blocks' attention "relative".
     what: name of the source for error messages.
   """
   flat = npz.unstack_blocks(npz.flatten(params) if any(
@@ -130,6 +154,7 @@ def model_config(params, image_size=None, posemb=None, what="checkpoint"):
   prefix = 1 if cfg["classifier"] == "token" else 0
   num_positions = None
   learn2d = npz.POSEMB_ROW in flat or npz.POSEMB_COL in flat
+  relative = "Transformer/encoderblock_0/" + npz.RELATIVE_BIAS
   if learn2d:
     if npz.POSEMB_ROW not in flat or npz.POSEMB_COL not in flat:
       raise ValueError(f"{what} has only one of `{npz.POSEMB_ROW}` and "
@@ -138,6 +163,8 @@ def model_config(params, image_size=None, posemb=None, what="checkpoint"):
   elif npz.POSEMB in flat:
     cfg["posemb"] = "learn"
     num_positions = shape(npz.POSEMB)[1] - prefix
+  elif relative in flat:
+    cfg["posemb"] = "relative"
   else:
     cfg["posemb"] = posemb or "sincos2d"
   stem = resnet_lib.stride(cfg["resnet"]["num_layers"]) if cfg["resnet"] else 1
@@ -145,6 +172,8 @@ def model_config(params, image_size=None, posemb=None, what="checkpoint"):
   if learn2d:
     grid = _grid_2d(shape(npz.POSEMB_ROW)[1], shape(npz.POSEMB_COL)[1], image_size,
                     stride, what)
+  elif cfg["posemb"] == "relative" and relative in flat:
+    grid = _grid_relative(shape(relative)[0], prefix, image_size, stride, what)
   else:
     grid = _grid(num_positions, image_size, stride, what)
   cfg["image_size"] = _maybe_int((grid[0] * stride[0], grid[1] * stride[1]))

@@ -45,6 +45,7 @@ _MAP_ATTN = _MAP + "MultiHeadDotProductAttention_0/"
 
 def check(cfg):
   """Raises `core.Unsupported` for what timm's VisionTransformer cannot express."""
+  core.refuse_relative(cfg, "timm VisionTransformer")
   if cfg.get("resnet"):
     raise core.Unsupported(
         "hybrid ResNet stems are not exported to timm (its hybrid models need a "

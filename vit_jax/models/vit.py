@@ -6,7 +6,9 @@ Module names reproduce the parameter tree of the published ViT checkpoints
 `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
 LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `pre_logits`, `head`.
 Additions sit beside them: `mask_token`, `MAPHead_0`, `decoder` and the
-hybrid ResNet stem (`conv_root`, `gn_root`, `block{j}/unit{k}`).
+hybrid ResNet stem (`conv_root`, `gn_root`, `block{j}/unit{k}`);
+with posemb="relative", each block's attention holds
+`relative_position_bias` instead of `Transformer/posembed_input`.
 
 `VisionTransformer.__call__` returns `(output, out)`, `out` a dict of named
 intermediates: "stem", "encoded", "patch_mean" (the mean of the encoded
@@ -31,7 +33,7 @@ from vit_jax.sizes import pair
 Dtype = Any
 
 CLASSIFIERS = ("token", "gap", "map", "unpooled")
-POSEMBS = ("learn", "learn2d", "sincos2d", "sincos1d", "none")
+POSEMBS = ("learn", "learn2d", "sincos2d", "sincos1d", "none", "relative")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 
 
@@ -72,17 +74,45 @@ class MultiHeadDotProductAttention(nn.Module):
   kernel is (H, D/H, D). Attention runs through `jax.nn.dot_product_attention`
   unless the weights are needed (returned, multiplied by a head mask or
   dropped out); then an explicit einsum / softmax path computes them.
+
+  With `relative_grid` (the patch grid the table is built for), a learned
+  relative position bias is added to the logits before the softmax:
+  `relative_position_bias` [(2h - 1) * (2w - 1) + extra, H] (BEiT's layout,
+  `extra` = 3 with a cls token, zeros at init), gathered with
+  `posemb.relative_position_index` of the tokens' `grid` and resampled
+  bilinearly when that grid differs.
   """
   num_heads: int
   qkv_bias: bool = True
   qk_scale: Optional[float] = None
   dropout_rate: float = 0.
+  relative_grid: Optional[Tuple[int, int]] = None
+  num_prefix_tokens: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def _relative_bias(self, grid, num_tokens):
+    """The bias [1, H, T, T] of the tokens' grid, from this block's table."""
+    size = posemb_lib.relative_table_size(self.relative_grid,
+                                          self.num_prefix_tokens)
+    table = self.param("relative_position_bias", nn.initializers.zeros,
+                       (size, self.num_heads), self.param_dtype)
+    grid = tuple(self.relative_grid if grid is None else grid)
+    if num_tokens != self.num_prefix_tokens + grid[0] * grid[1]:
+      raise ValueError(
+          f"relative position bias for a {grid[0]}x{grid[1]} grid with "
+          f"{self.num_prefix_tokens} prefix tokens got {num_tokens} tokens")
+    if grid != tuple(self.relative_grid):
+      table = posemb_lib.resample_relative(table, self.relative_grid, grid,
+                                           self.num_prefix_tokens, "bilinear")
+    index = posemb_lib.relative_position_index(grid, self.num_prefix_tokens)
+    bias = jnp.take(table, jnp.asarray(index), axis=0)  # [T, T, H]
+    return jnp.transpose(bias, (2, 0, 1))[None]
+
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, *, head_mask=None,
-               deterministic: bool = True, need_weights: bool = False):
+               deterministic: bool = True, need_weights: bool = False,
+               grid: Optional[Tuple[int, int]] = None):
     features = inputs_q.shape[-1]
     if features % self.num_heads:
       raise ValueError(f"hidden size {features} is not divisible by "
@@ -98,9 +128,14 @@ class MultiHeadDotProductAttention(nn.Module):
     v = proj("value")(inputs_kv)
     scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
     use_dropout = self.dropout_rate > 0 and not deterministic
+    bias = None
+    if self.relative_grid is not None:
+      bias = self._relative_bias(grid, inputs_q.shape[1]).astype(q.dtype)
     weights = None
     if need_weights or head_mask is not None or use_dropout:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+      if bias is not None:
+        logits = logits + bias
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       weights = weights.astype(q.dtype)
       weights = nn.Dropout(rate=self.dropout_rate)(
@@ -108,6 +143,8 @@ class MultiHeadDotProductAttention(nn.Module):
       if head_mask is not None:
         weights = weights * head_mask.astype(weights.dtype)[None, :, None, None]
       y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    elif bias is not None:
+      y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
     else:
       y = jax.nn.dot_product_attention(q, k, v, scale=scale)
     out = nn.DenseGeneral(features=features, axis=(-2, -1), name="out", **kw)(y)
@@ -120,6 +157,9 @@ class Encoder1DBlock(nn.Module):
   Called as `block(x, (head_mask, drop_path_rate))` and returns
   `(x, (x or None, attention weights or None))` so that it can be scanned
   over layers; the per-layer outputs are None unless requested.
+  `relative_grid`, `grid` and `num_prefix_tokens` configure the attention's
+  relative position bias (posemb="relative"; none when relative_grid is None):
+  the grid its table is built for and the grid of the tokens.
   """
   mlp_dim: int
   num_heads: int
@@ -133,6 +173,9 @@ class Encoder1DBlock(nn.Module):
   deterministic: bool = True
   output_attentions: bool = False
   output_hidden_states: bool = False
+  relative_grid: Optional[Tuple[int, int]] = None
+  grid: Optional[Tuple[int, int]] = None
+  num_prefix_tokens: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -152,9 +195,11 @@ class Encoder1DBlock(nn.Module):
     y, weights = MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_bias=self.qkv_bias,
         qk_scale=self.qk_scale, dropout_rate=self.attention_dropout_rate,
+        relative_grid=self.relative_grid,
+        num_prefix_tokens=self.num_prefix_tokens,
         name="MultiHeadDotProductAttention_1", **kw)(
             y, y, head_mask=head_mask, deterministic=self.deterministic,
-            need_weights=self.output_attentions)
+            need_weights=self.output_attentions, grid=self.grid)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=self.deterministic)
     x = x + self._drop_path(y, drop_path_rate)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_2", **kw)(x)
@@ -241,7 +286,11 @@ def fixed_posemb(kind: str, grid: Tuple[int, int], num_prefix_tokens: int,
 
 
 class Encoder(nn.Module):
-  """Position embeddings, dropout, the blocks and the final LayerNorm."""
+  """Position embeddings, dropout, the blocks and the final LayerNorm.
+
+  posemb="relative" adds nothing to the tokens: every block's attention gets
+  a relative position bias built for `grid` (see MultiHeadDotProductAttention).
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -293,7 +342,7 @@ class Encoder(nn.Module):
                             num_prefix_tokens=self.num_prefix_tokens,
                             param_dtype=self.param_dtype,
                             name="posembed_input")(x, grid)
-    elif self.posemb != "none":
+    elif self.posemb not in ("none", "relative"):
       table = fixed_posemb(self.posemb, grid, self.num_prefix_tokens,
                            x.shape[-1])
       x = x + jnp.asarray(table, x.dtype)
@@ -312,6 +361,9 @@ class Encoder(nn.Module):
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states, dtype=self.dtype,
         param_dtype=self.param_dtype)
+    if self.posemb == "relative":
+      block_kw.update(relative_grid=tuple(self.grid), grid=tuple(grid),
+                      num_prefix_tokens=self.num_prefix_tokens)
     block = self._block_class()
     if self.scan:
       x, (hidden, weights) = block(name="encoderblock", **block_kw)(
@@ -385,7 +437,11 @@ class VisionTransformer(nn.Module):
     classifier: "token" (cls token), "gap" (mean of the tokens after
       encoder_norm), "map" (attention pooling) or "unpooled" (all tokens).
     posemb: "learn" (1-D table), "learn2d" (row and column tables of D/2,
-      concatenated; none at the cls token), "sincos2d", "sincos1d" or "none".
+      concatenated; none at the cls token), "sincos2d", "sincos1d", "none",
+      or "relative" (nothing added to the tokens; a learned relative position
+      bias on every block's attention logits, as BEiT: per block a table
+      [(2h - 1) * (2w - 1) + 3 with a cls token, num_heads], zeros at init,
+      resampled bilinearly at another grid).
     representation_size: width of the Dense + tanh `pre_logits` layer, if any.
     dropout_rate, attention_dropout_rate: dropout on activations / on the
       attention probabilities, in train mode only.
