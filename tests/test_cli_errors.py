@@ -75,6 +75,9 @@ MAIN = [
     (["--config.loss=mse"], "--config.task=regression"),
     (["--config.model.classifier=avg"], "unknown classifier 'avg'"),
     (["--config.model.patch_size=(4,4,4)"], "patch_size must be an int or"),
+    (["--config.model_name=R26+S/32", "--config.model.patch_size=1",
+      "--config.model.resnet={{'num_layers': (1,), 'width_factor': 0.25}}"],
+     "cannot build R26+S/32 from these fields: Number of groups (32)"),
 ]
 
 

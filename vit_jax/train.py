@@ -212,7 +212,12 @@ def train_and_evaluate(config, workdir, devices=None):
   def init_params(rng):
     return model.init({"params": rng}, dummy, train=False)["params"]
 
-  param_shapes = jax.eval_shape(init_params, rng)
+  try:
+    param_shapes = jax.eval_shape(init_params, rng)
+  except ValueError as e:  # A layer refused the fields (e.g. GroupNorm).
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise Error(f"cannot build {config.model_name} from these fields: {first} "
+                "(check the --config.model.* values)") from None
   tx, schedule = optim.make(config.optim, param_shapes, total_steps)
   ema_decay = float(config.optim.get("ema_decay") or 0.0)
   accum = int(config.optim.get("accum_steps") or 1)
