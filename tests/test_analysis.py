@@ -263,3 +263,12 @@ def test_cli_bad_input(tiny_npz, tmp_path, capfd):
        "--override=posemb=none", "--override=image_size=16", "--what=posemb",
        f"--output_dir={tmp_path}"]), capfd)
   assert "no position embeddings" in line
+
+
+def test_images_default_to_the_runs_dataset(tmp_path):
+  """Distance and rollout images come from the workdir run's dataset."""
+  from vit_jax import analyze  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text('{"dataset": "digits_canvas"}')
+  assert analyze._run_dataset(str(tmp_path), None) == "digits_canvas"  # pylint: disable=protected-access
+  assert analyze._run_dataset(str(tmp_path), "x.npz") == "digits"  # pylint: disable=protected-access
+  assert analyze._run_dataset(None, None) == "digits"  # pylint: disable=protected-access

@@ -28,6 +28,7 @@ A short summary is printed. Problems the user can fix are printed as one line
 """
 
 import ast
+import json
 import os
 import sys
 
@@ -51,8 +52,9 @@ _WHAT = flags.DEFINE_string(
     "what", None, "Comma-separated analyses among "
     f"{', '.join(ANALYSES)} (default: all that apply).", flag_values=FLAGS)
 _DATASET = flags.DEFINE_string(
-    "dataset", "digits", "Images for distance and rollout: digits, a tfds "
-    "name or folder:/root.", flag_values=FLAGS)
+    "dataset", None, "Images for distance and rollout: digits, a tfds "
+    "name or folder:/root (default: the --workdir run's dataset, else "
+    "digits).", flag_values=FLAGS)
 _SPLIT = flags.DEFINE_string("split", "test", "Split of --dataset.",
                              flag_values=FLAGS)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory.",
@@ -341,6 +343,15 @@ def analyse(params, model, output_dir, what=None, name="model",
   return summary
 
 
+def _run_dataset(workdir, init):
+  """The dataset a training workdir was trained on, else "digits"."""
+  path = os.path.join(workdir or "", "config.json")
+  if init or not workdir or not os.path.exists(path):
+    return "digits"
+  with open(path) as f:
+    return json.load(f).get("dataset") or "digits"
+
+
 @errors.command_line
 def run(argv):
   """Runs the command line `argv`; returns the exit status."""
@@ -359,7 +370,8 @@ def run(argv):
   else:
     output_dir = _OUTPUT_DIR.value or FLAGS.workdir
   analyse(params, model, output_dir, what=what, name=name,
-          dataset=_DATASET.value, split=_SPLIT.value,
+          dataset=_DATASET.value or _run_dataset(FLAGS.workdir, FLAGS.init),
+          split=_SPLIT.value,
           data_dir=_DATA_DIR.value, num_images=_NUM_IMAGES.value,
           num_show=_NUM_SHOW.value, batch_size=_BATCH_SIZE.value,
           num_components=_NUM_COMPONENTS.value, image_size=image_size)
