@@ -71,7 +71,7 @@ def test_point_resume_collect(sweep_file, tmp_path, capsys):
   args = ["sweep", f"--config={sweep_file}", f"--workdir={root}"]
   # One point, as a cluster job would run it.
   assert sweep.run(args + ["--point=2"]) == 0
-  assert os.listdir(root) == ["gap_lr-3e-3_s0"]
+  assert sorted(os.listdir(root)) == [".jax_cache", "gap_lr-3e-3_s0"]
   done = json.load(open(os.path.join(root, "gap_lr-3e-3_s0", sweep.DONE)))
   assert done["seed"] == 0 and done["setting"] == "gap lr=3e-3"
   assert 0 <= done["metrics"]["eval/accuracy"] <= 1

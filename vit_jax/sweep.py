@@ -194,8 +194,8 @@ def collect(sweep, root):
   for name, setting, seed in points(sweep):
     done = os.path.join(root, name, DONE)
     if os.path.exists(done):
-      with open(done) as f:
-        rows.append(json.load(f))
+      with open(done) as f:  # This sweep's names (a point may be shared).
+        rows.append(dict(json.load(f), point=name, setting=setting["name"]))
   with open(os.path.join(root, "results.jsonl"), "w") as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")

@@ -73,6 +73,9 @@ def lines(rows, x_of, group_of, metric, path, title, xlabel, logx=False):
                 capsize=3, label=group)
   if logx:
     ax.set_xscale("log")
+    xs = sorted({p[0] for points in groups.values() for p in points})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
   ax.set_xlabel(xlabel)
   ax.set_ylabel(metric + (" (%)" if _percent(metric) else ""))
   ax.set_title(title, fontsize=10)

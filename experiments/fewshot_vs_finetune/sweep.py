@@ -50,6 +50,13 @@ def _means(rows):
   return out
 
 
+def _unique(means):
+  """The pairs with runs shared between studies counted once: the position
+  study's learned 1-D, the pooling study's class token at lr 2e-3, ... are
+  the same config and seeds, hence the same numbers."""
+  return list(dict.fromkeys(means.values()))
+
+
 def _correlation(pairs):
   few, full = zip(*pairs)
   return stats.spearmanr(few, full)[0], stats.kendalltau(few, full)[0]
@@ -58,7 +65,7 @@ def _correlation(pairs):
 def report(rows, root):
   means = _means(rows)
   lines = ["| settings | n | Spearman ρ | Kendall τ |", "|---|---|---|---|"]
-  groups = [("all", list(means.values()))] + [
+  groups = [("all (distinct runs)", _unique(means))] + [
       (study, [v for (s, _), v in means.items() if s == study])
       for study in STUDIES]
   for label, pairs in groups:
@@ -77,6 +84,8 @@ def _scatter(means, path):
     if pts:
       ax.scatter([100 * f for f, _ in pts], [100 * a for _, a in pts],
                  label=study, s=22)
+  lo, hi = ax.get_xlim()
+  ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
   ax.set_xlabel("10-shot linear accuracy (%)")
   ax.set_ylabel("test accuracy, all labels (%)")
   ax.set_title("digits_canvas: cheap metric vs full accuracy", fontsize=10)
