@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import checks
 from vit_jax.sizes import IntOrPair
 from vit_jax.sizes import pair
 
@@ -312,12 +313,7 @@ class BiT(nn.Module):
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
           or value < low):
         raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
-    for field in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, field))
-      except TypeError as e:
-        raise ValueError(f"{field} {getattr(self, field)!r} is not a dtype, "
-                         "use e.g. 'float32' or 'bfloat16'") from e
+    checks.check_dtypes(self)
     pair(self.image_size, "image_size")
 
   @property
@@ -355,13 +351,7 @@ class BiT(nn.Module):
                        "output_attentions needs a VisionTransformer")
     dtype = jnp.dtype(self.dtype)
     kw = dict(dtype=dtype, param_dtype=jnp.dtype(self.param_dtype))
-    if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got "
-                       f"shape {images.shape}")
-    if images.shape[-1] != self.num_channels:
-      raise ValueError(f"images have {images.shape[-1]} channels but the "
-                       f"model has num_channels={self.num_channels}: set "
-                       "num_channels to the images' channel count")
+    checks.check_images(images, self.num_channels)
     root, stages = self.widths
     out = {}
     x = _bit_conv(root, 7, (2, 2), 3, "conv_root", **kw)(images.astype(dtype))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import posemb as posemb_lib
+from vit_jax.models import checks
 from vit_jax.models import resnet as resnet_lib
 from vit_jax.sizes import IntOrPair
 from vit_jax.sizes import pair
@@ -525,12 +526,7 @@ class VisionTransformer(nn.Module):
       known = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}: use "
                        f"'none' or a jax.checkpoint_policies name {known}")
-    for field in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, field))
-      except TypeError as e:
-        raise ValueError(f"{field} {getattr(self, field)!r} is not a dtype, "
-                         "use e.g. 'float32' or 'bfloat16'") from e
+    checks.check_dtypes(self)
     pair(self.patch_size, "patch_size")
     pair(self.image_size, "image_size")
     sh, sw = self.encoder_stride
@@ -655,13 +651,7 @@ class VisionTransformer(nn.Module):
                output_hidden_states: bool = False):
     dtype = jnp.dtype(self.dtype)
     param_dtype = jnp.dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got "
-                       f"shape {images.shape}")
-    if images.shape[-1] != self.num_channels:
-      raise ValueError(f"images have {images.shape[-1]} channels but the "
-                       f"model has num_channels={self.num_channels}: set "
-                       "num_channels to the images' channel count")
+    checks.check_images(images, self.num_channels)
     grid = self.grid_size(images.shape[1:3])
     built = self.grid_size(self.image_size)
     self._check_grid(grid, built, images.shape, interpolate_pos_encoding)
