@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 
 from vit_jax import analyze
+from vit_jax import errors
 from vit_jax import models
 from vit_jax import npz
 from vit_jax import posemb
@@ -272,3 +273,15 @@ def test_images_default_to_the_runs_dataset(tmp_path):
   assert analyze._run_dataset(str(tmp_path), None) == "digits_canvas"  # pylint: disable=protected-access
   assert analyze._run_dataset(str(tmp_path), "x.npz") == "digits"  # pylint: disable=protected-access
   assert analyze._run_dataset(None, None) == "digits"  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("posemb", ["none", "relative"])
+def test_posemb_similarity_is_skipped_without_a_table(posemb):
+  """No table on the tokens: the analysis is skipped with the reason, and
+  asked for by name it is a one-line error naming the kind."""
+  from vit_jax import analyze  # pylint: disable=g-import-not-at-top
+  model = models.create("testing", posemb=posemb)
+  todo, reasons = analyze.applicable(model)
+  assert "posemb" not in todo and f"posemb='{posemb}'" in reasons["posemb"]
+  with pytest.raises(errors.Error, match=f"posemb='{posemb}'"):
+    analyze.applicable(model, ["posemb"])

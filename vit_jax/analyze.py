@@ -120,6 +120,11 @@ def applicable(model, what=None):
     reasons["posemb"] = ("the model has no position embeddings "
                          "(posemb='none'): there is no position-embedding "
                          "similarity to show; leave posemb out of --what")
+  if model.posemb == "relative":
+    reasons["posemb"] = ("the model has no position embeddings on its tokens "
+                         "(posemb='relative': a bias per relative offset in "
+                         "each block's attention): there is no per-patch "
+                         "similarity to show; leave posemb out of --what")
   if model.resnet is not None:
     reasons["filters"] = ("the model is a hybrid: its patch embedding sees "
                           "ResNet features, not pixels, so its filters are "
