@@ -49,3 +49,16 @@ def test_points_parse_into_valid_configs_and_models(path):
                   image_size=tuple(config.image_size))
     model = models.create(config.model_name, **kwargs)
     assert model.grid_size(tuple(config.image_size))
+
+
+def test_canvas_runlocal_trains_and_reports_both_metrics(tmp_path):
+  """The studies' base config runs end to end (BiT and hybrid: their configs
+  are built above; test_bit trains a BiT through main)."""
+  from vit_jax import metrics  # pylint: disable=g-import-not-at-top
+  args = ["main", "--config=configs/canvas.py:runlocal",
+          f"--workdir={tmp_path}", "--config.progress=False"]
+  assert main.run(args) == 0
+  final = sweep.final_metrics(str(tmp_path))
+  assert 0 <= final["eval/accuracy"] <= 1
+  assert 0 <= final["fewshot/canvas/10shot"] <= 1
+  assert max(r["step"] for r in metrics.read_jsonl(str(tmp_path))) == 10
