@@ -41,7 +41,8 @@ def test_points_parse_into_valid_configs_and_models(path):
   s = sweep.load_sweep(path)
   assert len(s["seeds"]) >= (3 if path.endswith("sweep.py") else 1)
   for setting in s["settings"]:
-    args = sweep.argv(setting, s["seeds"][0], "/tmp/unused/point")
+    args = sweep.argv(setting, s["seeds"][0], "/tmp/unused/point",
+                      "/tmp/unused")
     assert main._parse(args) is None, (setting["name"], args)  # pylint: disable=protected-access
     config = main._CONFIG.value  # pylint: disable=protected-access
     config_utils.validate(config)

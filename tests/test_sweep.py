@@ -117,13 +117,16 @@ def test_root_and_seed_placeholders():
   setting = dict(name="ft", config="configs/canvas.py",
                  overrides={"init": "{root}/pretrain_s{seed}",
                             "model.resnet": "{'num_layers': (1,)}"})
-  args = sweep.argv(setting, 2, "/runs/ft_s2")
+  args = sweep.argv(setting, 2, "/runs/ft_s2", "/runs")
   assert "--config.init=/runs/pretrain_s2" in args
   assert "--config.model.resnet={'num_layers': (1,)}" in args
   # "point" names the directory, e.g. another sweep's points under ROOT.
   shared = dict(setting, point="study/ft")
   assert [p[0] for p in sweep.points({"settings": [shared], "seeds": (0, 1)})] \
       == ["study/ft_s0", "study/ft_s1"]
+  # `{root}` is the sweep's ROOT, also for a point in a subdirectory of it.
+  assert "--config.init=/runs/pretrain_s0" in sweep.argv(
+      shared, 0, "/runs/study/ft_s0", "/runs")
 
 
 def test_a_stopped_point_is_not_done(tmp_path):

@@ -112,9 +112,9 @@ def _flag_value(value):
   return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
-def argv(setting, seed, workdir, root=None):
-  """The `vit_jax.main` command line of one point."""
-  root = os.path.dirname(workdir) if root is None else root
+def argv(setting, seed, workdir, root):
+  """The `vit_jax.main` command line of one point (`root`: the sweep's ROOT,
+  what `{root}` in the overrides names)."""
   args = ["vit_jax.main", f"--config={setting['config']}",
           f"--workdir={workdir}", f"--config.seed={seed}"]
   for key, value in dict(setting.get("overrides") or {}).items():
@@ -123,29 +123,33 @@ def argv(setting, seed, workdir, root=None):
   return args
 
 
-def final_metrics(workdir):
-  """Last logged value of every metric in DIR/metrics.jsonl."""
+def _read_metrics(workdir):
+  """The rows of DIR/metrics.jsonl ([] when there is none)."""
   path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def final_metrics(workdir, rows=None):
+  """Last logged value of every metric in DIR/metrics.jsonl."""
   out = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          out.update(json.loads(line))
+  for row in _read_metrics(workdir) if rows is None else rows:
+    out.update(row)
   out.pop("step", None)
   return out
 
 
-def _finished(workdir):
+def _finished(workdir, rows=None):
   """Whether the run logged its last step (config.json's total_steps)."""
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       total = json.load(f)["resolved"]["total_steps"]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      steps = [json.loads(l).get("step", 0) for l in f if l.strip()]
+    rows = _read_metrics(workdir) if rows is None else rows
   except (OSError, KeyError, ValueError):
     return False
-  return max(steps, default=0) >= total
+  return max((r.get("step", 0) for r in rows), default=0) >= total
 
 
 def run_point(name, setting, seed, root, log=print):
@@ -157,14 +161,15 @@ def run_point(name, setting, seed, root, log=print):
     log(f"{name}: done, skipped")
     with open(done) as f:
       return json.load(f)["metrics"]
-  args = argv(setting, seed, workdir)
+  args = argv(setting, seed, workdir, root)
   log(f"{name}: python -m {' '.join(args)}")
   start = time.time()
   if main.run(args) != 0:
     raise errors.Error(f"point {name} failed (see the error above); fix it "
                        "and run the sweep again: finished points are kept")
-  metrics = final_metrics(workdir)
-  if not _finished(workdir):  # Stopped by a signal: checkpointed, not done.
+  rows = _read_metrics(workdir)
+  metrics = final_metrics(workdir, rows)
+  if not _finished(workdir, rows):  # Stopped by a signal: checkpointed, not done.
     raise errors.Error(f"point {name} stopped before its last step; run the "
                        "sweep again to resume it")
   with open(done + ".tmp", "w") as f:
@@ -176,7 +181,8 @@ def run_point(name, setting, seed, root, log=print):
   return metrics
 
 
-def _mean_std(values):
+def mean_std(values):
+  """Mean and standard deviation (ddof=1; 0 for one value)."""
   n = len(values)
   mean = sum(values) / n
   std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -209,7 +215,7 @@ def collect(sweep, root):
     cells = []
     for key in keys:
       values = [float(r["metrics"][key]) for r in mine if key in r["metrics"]]
-      cells.append(_fmt(*_mean_std(values), len(values)) if values else "–")
+      cells.append(_fmt(*mean_std(values), len(values)) if values else "–")
     lines.append(f"| {setting['name']} | {len(mine)} | " + " | ".join(cells)
                  + " |")
   table = "\n".join(lines)

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from vit_jax.sweep import mean_std  # pylint: disable=g-bad-import-order,wrong-import-position
+
 
 def by_setting(rows, metric):
   """{setting: [metric value per seed]} in the order the rows come."""
@@ -19,13 +21,6 @@ def by_setting(rows, metric):
     if metric in row["metrics"]:
       out.setdefault(row["setting"], []).append(float(row["metrics"][metric]))
   return out
-
-
-def mean_std(values):
-  n = len(values)
-  mean = sum(values) / n
-  var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-  return mean, math.sqrt(var)
 
 
 def _percent(metric):

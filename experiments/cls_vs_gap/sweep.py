@@ -9,6 +9,7 @@ depth 4, patch 8, AdamW, 300 steps), 5 learning rates x 2 poolings x 3 seeds.
 Writes ROOT/results.md and ROOT/cls_vs_gap.png.
 """
 
+from vit_jax import sweep as sweep_lib
 from vit_jax import sweep_plots
 
 CONFIG = "configs/canvas.py"
@@ -29,7 +30,7 @@ def report(rows, root):
                     logx=True)
   best = {}
   for setting, values in sweep_plots.by_setting(rows, "eval/accuracy").items():
-    mean, std = sweep_plots.mean_std(values)
+    mean, std = sweep_lib.mean_std(values)
     pool = pool_of(setting)
     if pool not in best or mean > best[pool][1]:
       best[pool] = (lr_of(setting), mean, std)

@@ -16,7 +16,6 @@ and Kendall rank correlations between the two metrics over the settings
 (means over seeds), overall and within each study, and ROOT/fewshot_vs_finetune.png.
 """
 
-import importlib.util
 import os
 
 from scipy import stats
@@ -29,14 +28,6 @@ FEWSHOT, FULL = "fewshot/canvas/10shot", "eval/accuracy"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _study_sweep(study):
-  path = os.path.join(HERE, "..", study, "sweep.py")
-  spec = importlib.util.spec_from_file_location(f"{study}_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_sweep()
-
-
 def _means(rows):
   """{(study, setting): (mean few-shot, mean full accuracy)}."""
   out = {}
@@ -45,8 +36,8 @@ def _means(rows):
   for setting in few:
     if setting in full:
       study, name = setting.split(": ", 1)
-      out[(study, name)] = (sweep_plots.mean_std(few[setting])[0],
-                            sweep_plots.mean_std(full[setting])[0])
+      out[(study, name)] = (sweep_lib.mean_std(few[setting])[0],
+                            sweep_lib.mean_std(full[setting])[0])
   return out
 
 
@@ -96,7 +87,8 @@ def _scatter(means, path):
 def get_sweep():
   settings = []
   for study in STUDIES:
-    for s in _study_sweep(study)["settings"]:
+    path = os.path.join(HERE, "..", study, "sweep.py")
+    for s in sweep_lib.load_sweep(path)["settings"]:
       overrides = {k: (v.replace("{root}", "{root}/" + study)
                        if isinstance(v, str) else v)
                    for k, v in (s.get("overrides") or {}).items()}
