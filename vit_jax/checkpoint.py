@@ -300,14 +300,12 @@ def _resample_relative(key, value, target, grid, prefix, resample, path):
     raise errors.Error(
         f"{key} in {path} has {n_old} relative positions, model expects "
         f"{n_new}: pass --config.resample_posemb")
-  extra = 3 * prefix
-  side = int(round((n_old - extra) ** 0.5))
-  if side * side != n_old - extra or side % 2 == 0:
+  from vit_jax import posemb  # pylint: disable=g-import-not-at-top
+  old_grid = posemb.relative_square_grid(n_old, prefix)
+  if old_grid is None:
     raise errors.Error(
         f"{key} in {path} has {n_old} relative positions, not (2s - 1)**2 + "
-        f"{extra} of a square grid: cannot resample it")
-  from vit_jax import posemb  # pylint: disable=g-import-not-at-top
-  old_grid = ((side + 1) // 2,) * 2
+        f"{posemb.relative_extra(prefix)} of a square grid: cannot resample it")
   return np.asarray(posemb.resample_relative(
       np.asarray(value, np.float32), old_grid, tuple(grid), prefix,
       "bilinear"))

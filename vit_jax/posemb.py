@@ -23,6 +23,8 @@ for cls -> patch, patch -> cls and cls -> cls. At another grid its
 (2h - 1, 2w - 1) part is resampled per head (`resample_relative`).
 """
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
@@ -179,6 +181,16 @@ def relative_table_size(grid, num_prefix_tokens: int) -> int:
   """Rows of the relative position table: (2h - 1) * (2w - 1) + extra."""
   h, w = pair(grid, "grid")
   return (2 * h - 1) * (2 * w - 1) + relative_extra(num_prefix_tokens)
+
+
+def relative_square_grid(size: int, num_prefix_tokens: int):
+  """The square grid (s, s) whose relative table has `size` rows, or None
+  when `size` is not (2s - 1)**2 + extra."""
+  offsets = size - relative_extra(num_prefix_tokens)
+  side = math.isqrt(max(offsets, 0))
+  if side * side != offsets or side % 2 == 0:
+    return None
+  return ((side + 1) // 2,) * 2
 
 
 def relative_position_index(grid, num_prefix_tokens: int) -> np.ndarray:

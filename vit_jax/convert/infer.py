@@ -18,6 +18,7 @@ import re
 import numpy as np
 
 from vit_jax import npz
+from vit_jax import posemb as posemb_lib
 from vit_jax.models import resnet as resnet_lib
 from vit_jax.models import vit
 
@@ -83,23 +84,22 @@ def _grid_2d(rows, cols, image_size, stride, what):
 
 def _grid_relative(size, prefix, image_size, stride, what):
   """Patch grid of relative position tables of `size` rows ((2h-1)(2w-1) + 3 with cls)."""
-  extra = 3 * prefix
-  offsets = size - extra
   if image_size is not None:
     h, w = _grid(None, image_size, stride, what)
-    if (2 * h - 1) * (2 * w - 1) != offsets:
+    expected = posemb_lib.relative_table_size((h, w), prefix)
+    if expected != size:
       raise ValueError(
           f"{what} has relative position tables of {size} rows but image size "
           f"{vit.pair(image_size)} with patch size {_maybe_int(stride)} gives a "
-          f"{h}x{w} grid ({(2 * h - 1) * (2 * w - 1) + extra} rows): pass the "
+          f"{h}x{w} grid ({expected} rows): pass the "
           "image size the checkpoint was trained at")
     return (h, w)
-  side = math.isqrt(max(offsets, 0))
-  if side * side != offsets or side % 2 == 0:
+  grid = posemb_lib.relative_square_grid(size, prefix)
+  if grid is None:
     raise ValueError(
         f"{what} has relative position tables of {size} rows, not (2s - 1)**2 + "
-        f"{extra} of a square grid: pass --image_size=H,W")
-  return ((side + 1) // 2,) * 2
+        f"{posemb_lib.relative_extra(prefix)} of a square grid: pass --image_size=H,W")
+  return grid
 
 
 def model_config(params, image_size=None, posemb=None, what="checkpoint"):
