@@ -285,3 +285,26 @@ def test_relative_tree_round_trips_and_is_inferred(tmp_path, classifier):
     infer.model_config(loaded)
   with pytest.raises(ValueError, match=r"image size \(16, 16\) .* gives a 4x4 grid"):
     infer.model_config(loaded, image_size=16)
+
+
+@pytest.mark.parametrize("posemb_kind", ["learn2d", "relative"])
+def test_learned_2d_and_relative_npz_load_for_fewshot_and_analyze(tmp_path,
+                                                                  posemb_kind):
+  """`--init=FILE.npz --model=...` (few-shot, analyze) reads the kind and grid
+  off the row/column or relative tables: no --override needed. A BiT model
+  has no .npz layout: one Error pointing to its workdir."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import errors  # pylint: disable=g-import-not-at-top
+  from vit_jax import model_source  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create("testing", posemb=posemb_kind)
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0)}, np.zeros((1, 32, 32, 3), np.float32)))
+  rng = np.random.default_rng(0)
+  flat = {k: _rand(rng, *v.shape) for k, v in npz.flatten(shapes["params"]).items()}
+  npz.save_npz(tmp_path / "m.npz", npz.unflatten(flat))
+  params, loaded = model_source.load_npz_model(str(tmp_path / "m.npz"), "testing")
+  assert loaded.posemb == posemb_kind and loaded.grid_size(loaded.image_size) == (4, 4)
+  _assert_same(params, flat)
+  with pytest.raises(errors.Error, match="BiT ResNet, which has no .npz layout"):
+    model_source.load_npz_model(str(tmp_path / "m.npz"), "BiT-R50x1")

@@ -12,8 +12,8 @@ a square position table); `--model` names the variant for what shapes do not
 show, and `--override=name=value` wins over both (e.g. the training
 `image_size` of a non-square table, `hidden_act`). With an `image_size` to run
 at, a learned position table is resampled to it (`scipy.ndimage.zoom`, as
-fine-tuning does). A BiT ResNet `.npz` takes its structure from `--model`
-(e.g. BiT-R50x1) and `--override` (e.g. `resnet={'width_factor': 2}`).
+fine-tuning does). BiT ResNets have no .npz layout: they load from their
+training workdir.
 """
 
 import ast
@@ -97,10 +97,11 @@ def load_npz_model(path, model_name, overrides=None, image_size=None):
   if not model_name:
     raise errors.Error("--init needs --model=<variant>, e.g. B/16")
   if model_name in models.VARIANTS and models.is_bit(model_name):
-    return _load_bit_npz(path, model_name, overrides, image_size)
+    raise errors.Error(f"--model={model_name} is a BiT ResNet, which has no "
+                       ".npz layout: pass its training --workdir instead")
   try:
     params = npz.load_npz(path)
-    if npz.POSEMB not in npz.flatten(params) and (
+    if not _has_position_params(npz.flatten(params)) and (
         "posemb" not in overrides or "image_size" not in overrides):
       raise errors.Error(
           f"{path} has no learned position table: pass the position "
@@ -133,43 +134,35 @@ def load_npz_model(path, model_name, overrides=None, image_size=None):
   return params, model
 
 
-def _load_bit_npz(path, model_name, overrides, image_size):
-  """(params, model) of a BiT .npz: the variant with `overrides`; a ResNet
-  runs at any image size."""
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
+def _has_position_params(flat):
+  """Whether the tree learns its positions (a 1-D or 2-D table, or relative
+  bias tables): then their shapes tell the kind and the grid."""
   from vit_jax import npz  # pylint: disable=g-import-not-at-top
-  if image_size is not None:
-    overrides = dict(overrides, image_size=image_size)
-  try:
-    params = npz.load_npz(path)
-    model = models.create(model_name, **overrides)
-  except (ValueError, OSError) as e:
-    raise errors.Error(f"cannot use --init={path}: {_one_line(e)}") from None
-  check_params(params, model, f"--init={path}")
-  return params, model
+  return (npz.POSEMB in flat or npz.POSEMB_ROW in flat
+          or any(k.endswith(npz.RELATIVE_BIAS) for k in flat))
 
 
-def _refuse_bit(model, name, allow_bit):
+def _refuse_bit(model, name):
   from vit_jax import models  # pylint: disable=g-import-not-at-top
-  if isinstance(model, models.BiT) and not allow_bit:
+  if isinstance(model, models.BiT):
     raise errors.Error(
         f"{name} is a BiT ResNet: the analyses (attention, position "
         "embeddings, patch filters) need a VisionTransformer; evaluate it "
         "with python -m vit_jax.fewshot instead")
 
 
-def load(flag_values, image_size=None, allow_bit=False):
+def load(flag_values, image_size=None):
   """(params, model, name) from the flags of `define_flags`.
 
   The model is a VisionTransformer, what the analyses need; a BiT ResNet is
-  a one-line Error unless `allow_bit`.
+  a one-line Error.
   """
   f = flag_values
   overrides = parse_overrides(f.override)
   if f.init:
     params, model = load_npz_model(f.init, f.model, overrides, image_size)
     name = f"{f.model} ({os.path.basename(f.init)})"
-    _refuse_bit(model, name, allow_bit)
+    _refuse_bit(model, name)
     return params, model, name
   if overrides or f.model:
     raise errors.Error("--model and --override apply to --init; a workdir's "
@@ -181,5 +174,5 @@ def load(flag_values, image_size=None, allow_bit=False):
   params, model, config = checkpoint.model_from_workdir(f.workdir, f.use_ema)
   name = f"{config.get('model_name', 'model')} " + (
       f"({os.path.basename(os.path.normpath(f.workdir))})")
-  _refuse_bit(model, name, allow_bit)
+  _refuse_bit(model, name)
   return params, model, name
