@@ -2,9 +2,13 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
+from vit_jax import models
 from vit_jax.bench import __main__ as bench
+from vit_jax.bench import reference
 from vit_jax.bench import throughput
 from vit_jax.convert import hf as hf_lib
 from vit_jax.convert import timm as timm_lib
@@ -13,21 +17,34 @@ from vit_jax.convert import timm as timm_lib
 def test_throughput_reports_rates_flops_and_peers(capsys):
   status = bench.main([
       "bench", "throughput", "--model=testing", "--batch=8",
-      "--image_size=32", "--steps=1", "--repeats=1", "--peers",
+      "--image_size=32", "--steps=1", "--repeats=2", "--peers", "--ablate",
       "--peak_tflops=1", "--json"])
   assert status == 0
   out = capsys.readouterr().out
   result = json.loads(out)  # --json: the whole of stdout is one JSON object.
   assert result["setup"]["model"] == "testing"
   assert result["setup"]["devices"] == 8
+  assert "ynn_fusion_type" in result["setup"]["xla_options"]
   rates = result["images_per_second"]
-  assert set(rates) == {"vit_jax inference", "vit_jax train step",
-                        "timm inference (cpu)", "transformers inference (cpu)"}
-  assert all(rate > 0 for rate in rates.values())
+  assert set(rates) == {"vit_jax", "vit_jax, default XLA options",
+                        "vision_transformer", "timm (cpu)",
+                        "transformers (cpu)"}
+  for modes in rates.values():
+    for mode in ("train", "inference"):
+      r = modes[mode]
+      assert 0 < r["min"] <= r["median"] <= r["max"]
   assert result["peers_skipped"] == {}
+  ratios = result["ratios"]
+  for mode in ("train", "inference"):
+    best = max(rates[p][mode]["median"] for p in ("timm (cpu)",
+                                                  "transformers (cpu)"))
+    assert ratios[f"{mode}: vit_jax / best PyTorch"] == pytest.approx(
+        rates["vit_jax"][mode]["median"] / best)
+    assert ratios[f"{mode}: vit_jax / vision_transformer"] > 0
   flops = result["gflops_per_image"]
   # A training step costs about three forward passes.
-  assert 2 * flops["inference"] < flops["train step"] < 5 * flops["inference"]
+  assert 2 * flops["inference"] < flops["train"] < 5 * flops["inference"]
+  assert result["mfu_basis"] == "peak"
   assert 0 < result["mfu"]["inference"] < 1
 
 
@@ -35,8 +52,31 @@ def test_throughput_table_without_json(capsys):
   assert bench.main(["bench", "throughput", "--model=testing", "--batch=8",
                      "--image_size=16", "--steps=1", "--repeats=1"]) == 0
   out = capsys.readouterr().out
-  assert "img/s" in out and "vit_jax train step" in out
-  assert "MFU" not in out  # No known peak on CPU.
+  assert "img/s" in out and "vision_transformer" in out
+  # On CPU the MFU is against the GEMM rate measured in the same run.
+  assert "measured float32 GEMM rate" in out
+
+
+def test_reference_model_is_ours_with_stock_flax_modules():
+  """The official architecture computes our function on our parameters."""
+  for classifier in ("token", "gap"):
+    cfg = models.get_config("testing")
+    cfg.update(classifier=classifier)
+    ours = models.create("testing", classifier=classifier)
+    official = reference.from_fields(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    params = ours.init(jax.random.PRNGKey(1), x)["params"]
+    params = jax.tree.map(  # a non-zero head and biases
+        lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+        params)
+    assert (jax.tree.structure(official.init(jax.random.PRNGKey(1), x))
+            == jax.tree.structure({"params": params}))
+    want = jax.jit(ours.apply)({"params": params}, x)[0]
+    got = jax.jit(official.apply)({"params": params}, x)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+  with pytest.raises(ValueError, match="no posemb='sincos2d'"):
+    reference.from_fields(dict(models.get_config("testing"),
+                               posemb="sincos2d"))
 
 
 def test_peers_are_the_converters_models():

@@ -34,6 +34,7 @@ from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import sizes
 from vit_jax import tasks
+from vit_jax import xla_options
 from vit_jax.evaluators import common
 
 Error = errors.Error
@@ -288,11 +289,14 @@ def train_and_evaluate(config, workdir, devices=None):
     metrics.update({f"train/{k}": v for k, v in aux.items()})
     return new_state, metrics
 
+  options = xla_options.for_backend()
   train_step = jax.jit(
       train_step, in_shardings=(state_shardings, batch_shard),
-      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+      out_shardings=(state_shardings, repl), donate_argnums=(0,),
+      compiler_options=options)
 
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  log(f"XLA options of the compiled steps: {xla_options.describe(options)}")
 
   # Restore, or initialise (from scratch or from config.init).
   ckpt = checkpoint.Manager(workdir, max_to_keep=config.max_to_keep, log=log)

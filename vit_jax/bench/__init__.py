@@ -1,8 +1,8 @@
 """Benchmarks of vit_jax beside its peers: `python -m vit_jax.bench BENCHMARK`.
 
-  throughput.py  images/s of jitted inference and training, XLA FLOPs per image
-                 and MFU; timm and Hugging Face inference of the same model beside
-                 them (`--peers`).
+  throughput.py  images/s of jitted training and inference, XLA FLOPs per image
+                 and MFU, interleaved with the official vision_transformer model
+                 (reference.py) and, with `--peers`, timm and Hugging Face.
   fewshot.py     the closed-form few-shot ridge (`vit_jax/evaluators/ridge.py`)
                  against scikit-learn's RidgeClassifier.
 
@@ -15,9 +15,9 @@ which prints the table. The command line is in `__main__.py`.
 from absl import flags
 
 
-def define_output_flags(flag_values, repeats_help):
+def define_output_flags(flag_values, repeats_help, default=3):
   """`--repeats` and `--json`, which every benchmark takes."""
-  flags.DEFINE_integer("repeats", 3, repeats_help, lower_bound=1,
+  flags.DEFINE_integer("repeats", default, repeats_help, lower_bound=1,
                        flag_values=flag_values)
   flags.DEFINE_bool("json", False, "Print the results as one JSON object on "
                     "stdout instead of the table.", flag_values=flag_values)

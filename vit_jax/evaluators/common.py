@@ -16,6 +16,7 @@ import tqdm
 from vit_jax import data
 from vit_jax import errors
 from vit_jax import sharding
+from vit_jax import xla_options
 
 
 def load_source(dataset, split, data_dir=None, strict_images=False):
@@ -96,7 +97,7 @@ class SplitSums:
       out["count"] = jnp.sum(mask)
       return out
 
-    self._sums = jax.jit(sums)
+    self._sums = jax.jit(sums, compiler_options=xla_options.for_backend())
 
   def run(self, params):
     totals = None

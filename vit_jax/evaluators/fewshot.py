@@ -38,6 +38,7 @@ import numpy as np
 from vit_jax import data
 from vit_jax import sharding
 from vit_jax import sizes
+from vit_jax import xla_options
 from vit_jax.evaluators import common
 from vit_jax.evaluators import ridge
 
@@ -151,7 +152,8 @@ class Evaluator:
           source, train_split, data_dir=c.get("data_dir")), data.get_source(
               source, test_split, data_dir=c.get("data_dir"))))
     self._features_jit = jax.jit(
-        self._features, out_shardings=NamedSharding(mesh, P("data")))
+        self._features, out_shardings=NamedSharding(mesh, P("data")),
+        compiler_options=xla_options.for_backend())
     self._samples = {}      # dataset -> (rows, counts) of `sample`
     self._pixel_cache = {}  # pixels do not depend on params
     self._warned = set()

@@ -36,6 +36,47 @@ Dtype = Any
 CLASSIFIERS = ("token", "gap", "map", "unpooled")
 POSEMBS = ("learn", "learn2d", "sincos2d", "sincos1d", "none", "relative")
 ACTIVATIONS = ("gelu_tanh", "gelu")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+
+
+def per_token(layer, x, in_dims: int = 1):
+  """`layer` applied to the last `in_dims` axes of `x` as one 2-D matmul.
+
+  The leading (batch, token) axes are merged before the layer and split
+  after it, so the kernel's gradient contracts one axis: XLA on CPU runs a
+  Dense on [B, T, D] inputs (two contracted axes in the backward pass)
+  several times slower than on [B * T, D] (docs/benchmarks.md, profile).
+  """
+  lead = x.shape[:x.ndim - in_dims]
+  y = layer(x.reshape((-1,) + x.shape[x.ndim - in_dims:]))
+  return y.reshape(lead + y.shape[1:])
+
+
+def attention_impl(impl: str, need_weights: bool, dtype) -> str:
+  """The attention kernel for `impl` ("auto" resolved per backend).
+
+  "einsum": our [B, H, T, T] path (weights available; the fastest on CPU);
+  "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
+  "auto" is "einsum" on CPU or when the weights are needed, "cudnn" on a
+  GPU in float16 / bfloat16, else jax's own choice ("xla").
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}: use one of "
+                     f"{ATTENTION_IMPLS}")
+  if need_weights:
+    if impl in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl={impl!r} cannot return or modify the "
+                       "attention weights (output_attentions, head_mask, "
+                       "attention dropout): use 'auto' or 'einsum'")
+    return "einsum"
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "einsum"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
 
 
 def activation(name: str):
@@ -60,21 +101,25 @@ class MlpBlock(nn.Module):
         features, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
-    out_dim = x.shape[-1]
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # one [tokens, D] matmul (see per_token)
     x = dense(self.mlp_dim, "Dense_0")(x)
     x = activation(self.hidden_act)(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = dense(out_dim, "Dense_1")(x)
-    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(shape[-1], "Dense_1")(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    return x.reshape(shape)
 
 
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the parameter layout of flax's module.
 
   query/key/value kernels are (D, H, D/H), biases (H, D/H); the output
-  kernel is (H, D/H, D). Attention runs through `jax.nn.dot_product_attention`
-  unless the weights are needed (returned, multiplied by a head mask or
-  dropped out); then an explicit einsum / softmax path computes them.
+  kernel is (H, D/H, D). Every projection runs as one [tokens, D] matmul
+  (`per_token`). `impl` picks the attention kernel (`attention_impl`): the
+  explicit [B, H, T, T] einsum / softmax path (also whenever the weights are
+  needed: returned, multiplied by a head mask or dropped out) or
+  `jax.nn.dot_product_attention` ("xla", "cudnn").
 
   With `relative_grid` (the patch grid the table is built for), a learned
   relative position bias is added to the logits before the softmax:
@@ -89,6 +134,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout_rate: float = 0.
   relative_grid: Optional[Tuple[int, int]] = None
   num_prefix_tokens: int = 0
+  impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -124,17 +170,22 @@ class MultiHeadDotProductAttention(nn.Module):
     proj = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
         features=(self.num_heads, head_dim), axis=-1, use_bias=self.qkv_bias,
         name=name, **kw)
-    q = proj("query")(inputs_q)
-    k = proj("key")(inputs_kv)
-    v = proj("value")(inputs_kv)
+    q = per_token(proj("query"), inputs_q)  # [B, T, H, D/H]
+    k = per_token(proj("key"), inputs_kv)
+    v = per_token(proj("value"), inputs_kv)
     scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
     use_dropout = self.dropout_rate > 0 and not deterministic
     bias = None
     if self.relative_grid is not None:
       bias = self._relative_bias(grid, inputs_q.shape[1]).astype(q.dtype)
+    impl = attention_impl(
+        self.impl, need_weights or head_mask is not None or use_dropout,
+        self.dtype)
     weights = None
-    if need_weights or head_mask is not None or use_dropout:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if impl == "einsum":
+      # Heads before tokens: both products are plain batched matmuls.
+      q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, T, D/H]
+      logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
       if bias is not None:
         logits = logits + bias
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -143,12 +194,14 @@ class MultiHeadDotProductAttention(nn.Module):
           weights, deterministic=deterministic)
       if head_mask is not None:
         weights = weights * head_mask.astype(weights.dtype)[None, :, None, None]
-      y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    elif bias is not None:
-      y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+      y = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, scale=scale)
-    out = nn.DenseGeneral(features=features, axis=(-2, -1), name="out", **kw)(y)
+      y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                       implementation=impl)
+    if not need_weights:
+      weights = None
+    out = per_token(nn.DenseGeneral(features=features, axis=(-2, -1),
+                                    name="out", **kw), y, in_dims=2)
     return out, weights
 
 
@@ -177,6 +230,7 @@ class Encoder1DBlock(nn.Module):
   relative_grid: Optional[Tuple[int, int]] = None
   grid: Optional[Tuple[int, int]] = None
   num_prefix_tokens: int = 0
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -197,7 +251,7 @@ class Encoder1DBlock(nn.Module):
         num_heads=self.num_heads, qkv_bias=self.qkv_bias,
         qk_scale=self.qk_scale, dropout_rate=self.attention_dropout_rate,
         relative_grid=self.relative_grid,
-        num_prefix_tokens=self.num_prefix_tokens,
+        num_prefix_tokens=self.num_prefix_tokens, impl=self.attention_impl,
         name="MultiHeadDotProductAttention_1", **kw)(
             y, y, head_mask=head_mask, deterministic=self.deterministic,
             need_weights=self.output_attentions, grid=self.grid)
@@ -211,6 +265,37 @@ class Encoder1DBlock(nn.Module):
     if not self.output_attentions:
       weights = None
     return x, (x if self.output_hidden_states else None, weights)
+
+
+class PatchEmbedding(nn.Module):
+  """The patch embedding: a conv of kernel = stride = patch, as one matmul.
+
+  Parameters (and their initialisation) are `nn.Conv`'s: kernel
+  [ph, pw, C, D], bias [D]. The image is cut into patches and multiplied by
+  the flattened kernel, which XLA runs (and differentiates) several times
+  faster on CPU than the strided convolution. Trailing rows / columns that do
+  not fill a patch are dropped, as the VALID convolution does.
+  """
+  features: int
+  patch: Tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    (ph, pw), (b, hh, ww, c) = self.patch, x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (ph, pw, c, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      self.param_dtype)
+    h, w = hh // ph, ww // pw
+    x = x[:, :h * ph, :w * pw].reshape(b, h, ph, w, pw, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b * h * w, ph * pw * c)
+    kernel = kernel.reshape(ph * pw * c, self.features)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    y = jnp.dot(x, kernel) + bias
+    return y.reshape(b, h, w, self.features)
 
 
 class AddPositionEmbs(nn.Module):
@@ -307,6 +392,7 @@ class Encoder(nn.Module):
   layer_norm_eps: float = 1e-6
   scan: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -359,6 +445,7 @@ class Encoder(nn.Module):
         qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
         hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
         use_drop_path=self.stochastic_depth > 0, deterministic=not train,
+        attention_impl=self.attention_impl,
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states, dtype=self.dtype,
         param_dtype=self.param_dtype)
@@ -397,6 +484,7 @@ class MAPHead(nn.Module):
   mlp_dim: int
   hidden_act: str = "gelu_tanh"
   layer_norm_eps: float = 1e-6
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -408,8 +496,8 @@ class MAPHead(nn.Module):
                        self.param_dtype)
     probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
     x, _ = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, name="MultiHeadDotProductAttention_0",
-        **kw)(probe, x)
+        num_heads=self.num_heads, impl=self.attention_impl,
+        name="MultiHeadDotProductAttention_0", **kw)(probe, x)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0", **kw)(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, hidden_act=self.hidden_act,
                      name="MlpBlock_0", **kw)(y)
@@ -456,6 +544,10 @@ class VisionTransformer(nn.Module):
     scan, remat_policy: scan the blocks (params stacked under
       Transformer/encoderblock); rematerialize them with a
       `jax.checkpoint_policies` name, or "none".
+    attention_impl: the attention kernel, `ATTENTION_IMPLS`: "auto" (the
+      einsum path on CPU, cuDNN's fused kernel on a GPU in bfloat16 /
+      float16, else XLA's), "einsum", "xla" or "cudnn"
+      (`jax.nn.dot_product_attention`); the parameters are the same.
     dtype, param_dtype: compute and parameter dtypes.
     use_mask_token: create `mask_token` for `bool_masked_pos`.
     decoder: add the SimMIM decoder (1x1 conv + pixel shuffle); the output is
@@ -484,6 +576,7 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.
   scan: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "auto"
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   use_mask_token: bool = False
@@ -511,7 +604,9 @@ class VisionTransformer(nn.Module):
                        f"num_heads {self.num_heads}")
     for field, value, known in (("classifier", self.classifier, CLASSIFIERS),
                                 ("posemb", self.posemb, POSEMBS),
-                                ("hidden_act", self.hidden_act, ACTIVATIONS)):
+                                ("hidden_act", self.hidden_act, ACTIVATIONS),
+                                ("attention_impl", self.attention_impl,
+                                 ATTENTION_IMPLS)):
       if value not in known:
         raise ValueError(f"unknown {field} {value!r}: use one of {known}")
     if self.posemb == "sincos2d" and self.hidden_size % 4:
@@ -576,9 +671,9 @@ class VisionTransformer(nn.Module):
                           cfg.get("width_factor", 1), dtype=dtype,
                           param_dtype=param_dtype)
     patch = pair(self.patch_size, "patch_size")
-    return nn.Conv(features=self.hidden_size, kernel_size=patch,
-                   strides=patch, padding="VALID", name="embedding",
-                   dtype=dtype, param_dtype=param_dtype)(x)
+    return PatchEmbedding(features=self.hidden_size, patch=patch,
+                          dtype=dtype, param_dtype=param_dtype,
+                          name="embedding")(x)
 
   def _apply_mask(self, x, bool_masked_pos, param_dtype):
     """HF: embeddings * (1 - w) + mask_token * w, w = bool_masked_pos."""
@@ -631,7 +726,8 @@ class VisionTransformer(nn.Module):
     if self.classifier == "map":
       return MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                      hidden_act=self.hidden_act,
-                     layer_norm_eps=self.layer_norm_eps, dtype=dtype,
+                     layer_norm_eps=self.layer_norm_eps,
+                     attention_impl=self.attention_impl, dtype=dtype,
                      param_dtype=param_dtype, name="MAPHead_0")(x)
     return x
 
@@ -675,8 +771,8 @@ class VisionTransformer(nn.Module):
         stochastic_depth=self.stochastic_depth, qkv_bias=self.qkv_bias,
         qk_scale=self.qk_scale, hidden_act=self.hidden_act,
         layer_norm_eps=self.layer_norm_eps, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype,
-        name="Transformer")(
+        remat_policy=self.remat_policy, attention_impl=self.attention_impl,
+        dtype=dtype, param_dtype=param_dtype, name="Transformer")(
             x, grid, train=train, head_mask=self._head_mask(head_mask),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states)
