@@ -65,11 +65,13 @@ def test_reference_model_is_ours_with_stock_flax_modules():
     ours = models.create("testing", classifier=classifier)
     official = reference.from_fields(cfg)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    params = ours.init(jax.random.PRNGKey(1), x)["params"]
+    params = jax.jit(ours.init)(jax.random.PRNGKey(1), x)["params"]
+    rng = np.random.default_rng(2)
     params = jax.tree.map(  # a non-zero head and biases
-        lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+        lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32),
         params)
-    assert (jax.tree.structure(official.init(jax.random.PRNGKey(1), x))
+    assert (jax.tree.structure(jax.eval_shape(official.init,
+                                              jax.random.PRNGKey(1), x))
             == jax.tree.structure({"params": params}))
     want = jax.jit(ours.apply)({"params": params}, x)[0]
     got = jax.jit(official.apply)({"params": params}, x)

@@ -360,3 +360,36 @@ def test_input_errors():
     jax.eval_shape(lambda v, x: model.apply(
         v, x, bool_masked_pos=jnp.zeros((2, 15), bool)), variables,
                    _images((2, 32, 32, 3)))
+
+
+def test_attention_impls_compute_the_same_function():
+  """The einsum path and jax.nn.dot_product_attention ("xla") agree (with a
+  relative bias and in the MAP head too), and "auto" (einsum on CPU) returns
+  the weights when asked."""
+  classifier, posemb = "map", "relative"
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  nets = {impl: models.create("testing", classifier=classifier, posemb=posemb,
+                              attention_impl=impl)
+          for impl in ("auto", "xla")}
+  params = jax.jit(nets["auto"].init)(jax.random.PRNGKey(1), x)["params"]
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(  # non-zero relative tables, head and biases
+      lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32),
+      params)
+  outs = {impl: jax.jit(functools.partial(net.apply, output_attentions=(
+      impl == "auto")))({"params": params}, x) for impl, net in nets.items()}
+  np.testing.assert_allclose(outs["xla"][0], outs["auto"][0], atol=1e-5)
+  weights = outs["auto"][1]["block0/attention"]
+  assert weights.shape == (2, 2, 16, 16)
+  np.testing.assert_allclose(np.sum(weights, axis=-1), 1, atol=1e-5)
+
+
+def test_attention_impl_errors():
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+    models.create("testing", attention_impl="flash")
+  net = models.create("testing", attention_impl="xla")
+  with pytest.raises(ValueError, match="cannot return or modify the "
+                     "attention weights"):
+    jax.eval_shape(functools.partial(net.init, output_attentions=True),
+                   jax.random.PRNGKey(0), x)
