@@ -4,7 +4,8 @@
                  and MFU, interleaved with the official vision_transformer model
                  (reference.py) and, with `--peers`, timm and Hugging Face.
   fewshot.py     the closed-form few-shot ridge (`vit_jax/evaluators/ridge.py`)
-                 against scikit-learn's RidgeClassifier.
+                 against scikit-learn's RidgeCV (eigen, svd) and RidgeClassifier,
+                 big_vision's solve and a Cholesky solve per L2.
 
 Each benchmark module holds its own flags (`FLAGS`, an `absl.flags.FlagValues`,
 so that it can be imported beside other command-line modules), `from_flags(FLAGS)`
