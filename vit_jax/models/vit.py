@@ -56,9 +56,10 @@ def attention_impl(impl: str, need_weights: bool, dtype) -> str:
   """The attention kernel for `impl` ("auto" resolved per backend).
 
   "einsum": our [B, H, T, T] path (weights available; the fastest on CPU);
-  "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
-  "auto" is "einsum" on CPU or when the weights are needed, "cudnn" on a
-  GPU in float16 / bfloat16, else jax's own choice ("xla").
+  "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation;
+  "jax": `jax.nn.dot_product_attention` choosing its own implementation
+  (cuDNN's fused kernel where it supports the call, else XLA's). "auto" is
+  "einsum" on CPU or when the weights are needed, else "jax".
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention_impl {impl!r}: use one of "
@@ -71,12 +72,8 @@ def attention_impl(impl: str, need_weights: bool, dtype) -> str:
     return "einsum"
   if impl != "auto":
     return impl
-  backend = jax.default_backend()
-  if backend == "cpu":
-    return "einsum"
-  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "xla"
+  del dtype  # the choice does not depend on it (yet)
+  return "einsum" if jax.default_backend() == "cpu" else "jax"
 
 
 def activation(name: str):
@@ -196,8 +193,9 @@ class MultiHeadDotProductAttention(nn.Module):
         weights = weights * head_mask.astype(weights.dtype)[None, :, None, None]
       y = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
-                                       implementation=impl)
+      y = jax.nn.dot_product_attention(
+          q, k, v, bias=bias, scale=scale,
+          implementation=None if impl == "jax" else impl)
     if not need_weights:
       weights = None
     out = per_token(nn.DenseGeneral(features=features, axis=(-2, -1),
@@ -272,9 +270,9 @@ class PatchEmbedding(nn.Module):
 
   Parameters (and their initialisation) are `nn.Conv`'s: kernel
   [ph, pw, C, D], bias [D]. The image is cut into patches and multiplied by
-  the flattened kernel, which XLA runs (and differentiates) several times
-  faster on CPU than the strided convolution. Trailing rows / columns that do
-  not fill a patch are dropped, as the VALID convolution does.
+  the flattened kernel, which XLA runs (and differentiates) faster on CPU
+  than the strided convolution (docs/benchmarks.md). Trailing rows / columns
+  that do not fill a patch are dropped, as the VALID convolution does.
   """
   features: int
   patch: Tuple[int, int]
@@ -545,9 +543,10 @@ class VisionTransformer(nn.Module):
       Transformer/encoderblock); rematerialize them with a
       `jax.checkpoint_policies` name, or "none".
     attention_impl: the attention kernel, `ATTENTION_IMPLS`: "auto" (the
-      einsum path on CPU, cuDNN's fused kernel on a GPU in bfloat16 /
-      float16, else XLA's), "einsum", "xla" or "cudnn"
-      (`jax.nn.dot_product_attention`); the parameters are the same.
+      einsum path on CPU; elsewhere `jax.nn.dot_product_attention`, which
+      picks cuDNN's fused kernel on a GPU where it can), "einsum", "xla" or
+      "cudnn" (that implementation of `jax.nn.dot_product_attention`); the
+      parameters are the same.
     dtype, param_dtype: compute and parameter dtypes.
     use_mask_token: create `mask_token` for `bool_masked_pos`.
     decoder: add the SimMIM decoder (1x1 conv + pixel shuffle); the output is
