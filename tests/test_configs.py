@@ -100,6 +100,7 @@ FIELD_VALUES = {
     "head_bias_init": ("-2.5", -2.5),
     "scan": ("True", True),
     "remat_policy": ("nothing_saveable", "nothing_saveable"),
+    "attention_impl": ("einsum", "einsum"),
     "dtype": ("bfloat16", "bfloat16"),
     "param_dtype": ("bfloat16", "bfloat16"),
     "use_mask_token": ("True", True),
