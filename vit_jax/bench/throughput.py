@@ -119,9 +119,11 @@ def _gemm_tflops(steps, repeats):
 
 
 class _JaxContender:
-  """Jitted training step and inference of a flax model on the mesh."""
+  """Jitted training step and inference of a flax model on the mesh;
+  `train_kwargs` are the model's keyword arguments in training mode."""
 
-  def __init__(self, net, images, labels, mesh, compiler_options, flops=False):
+  def __init__(self, net, images, labels, mesh, compiler_options,
+               train_kwargs, flops=False):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
@@ -141,15 +143,13 @@ class _JaxContender:
 
     def step(p, s, x, y):
       def loss_fn(p):
-        logits = logits_of(p, x, **self.train_kwargs)
+        logits = logits_of(p, x, **train_kwargs)
         return jnp.mean(losses.softmax_xent(
             logits, jax.nn.one_hot(y, NUM_CLASSES)))
       grads = jax.grad(loss_fn)(p)
       updates, s = tx.update(grads, s, p)
       return optax.apply_updates(p, updates), s
 
-    self.train_kwargs = ({"train": True} if hasattr(net, "grid_size")
-                         else {})
     jit = lambda f, **kw: jax.jit(f, compiler_options=compiler_options, **kw)  # pylint: disable=unnecessary-lambda-assignment
     # Compiled once; XLA's cost analysis of the same executables.
     self._infer = jit(logits_of, in_shardings=(repl, data_sh),
@@ -224,15 +224,16 @@ def run(*, model, batch, image_size, dtype, steps, repeats, peers, ablate,
   options = xla_options.for_backend()
   contenders = {OURS: _JaxContender(models.create(model, dtype=dtype,
                                                   **overrides),
-                                    images, labels, mesh, options, flops=True)}
+                                    images, labels, mesh, options,
+                                    {"train": True}, flops=True)}
   if ablate:
     contenders[f"{OURS}, default XLA options"] = _JaxContender(
         models.create(model, dtype=dtype, **overrides), images, labels, mesh,
-        {})
+        {}, {"train": True})
   skipped = {}
   try:
     contenders[OFFICIAL] = _JaxContender(reference.from_fields(cfg, dtype),
-                                         images, labels, mesh, {})
+                                         images, labels, mesh, {}, {})
   except ValueError as e:
     skipped[OFFICIAL] = str(e)
   if peers:

@@ -52,7 +52,7 @@ def per_token(layer, x, in_dims: int = 1):
   return y.reshape(lead + y.shape[1:])
 
 
-def attention_impl(impl: str, need_weights: bool, dtype) -> str:
+def attention_impl(impl: str, need_weights: bool) -> str:
   """The attention kernel for `impl` ("auto" resolved per backend).
 
   "einsum": our [B, H, T, T] path (weights available; the fastest on CPU);
@@ -72,7 +72,6 @@ def attention_impl(impl: str, need_weights: bool, dtype) -> str:
     return "einsum"
   if impl != "auto":
     return impl
-  del dtype  # the choice does not depend on it (yet)
   return "einsum" if jax.default_backend() == "cpu" else "jax"
 
 
@@ -176,8 +175,7 @@ class MultiHeadDotProductAttention(nn.Module):
     if self.relative_grid is not None:
       bias = self._relative_bias(grid, inputs_q.shape[1]).astype(q.dtype)
     impl = attention_impl(
-        self.impl, need_weights or head_mask is not None or use_dropout,
-        self.dtype)
+        self.impl, need_weights or head_mask is not None or use_dropout)
     weights = None
     if impl == "einsum":
       # Heads before tokens: both products are plain batched matmuls.
