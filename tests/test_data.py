@@ -85,6 +85,13 @@ def test_digits_split_is_stratified_and_deterministic():
   again = data.get_source("digits", "train")
   np.testing.assert_array_equal(train.images, again.images)
   np.testing.assert_array_equal(train.labels, again.labels)
+  # The stored split is scikit-learn's.
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  expected = model_selection.train_test_split(
+      np.arange(1797), test_size=sources.DIGITS_TEST_FRACTION,
+      stratify=raw_labels, random_state=sources.DIGITS_SPLIT_SEED)
+  for got, want in zip(sources.digits_split_indices(), expected):
+    np.testing.assert_array_equal(got, np.sort(want))
 
 
 def test_digits_unknown_split():
@@ -861,6 +868,121 @@ def test_loader_on_folder_with_mixed_sizes(tmp_path):
   source = data.get_source("folder:" + root, "train")
   batch = next(iter(data.train_loader(source, 6, image_size=(8, 8))))
   assert batch["image"].shape == (6, 8, 8, 3)
+
+
+def test_batch_resampling_is_pil_bilinear_within_one_level():
+  rng = np.random.default_rng(3)
+  exact = total = 0
+  for channels, (height, width), size in [(1, (8, 8), (16, 16)),
+                                          (3, (30, 21), (7, 12)),
+                                          (2, (5, 9), (9, 4)),
+                                          (4, (64, 64), (16, 16))]:
+    images = rng.integers(0, 256, (6, height, width, channels), np.uint8)
+    box_h = rng.integers(1, height + 1, 6)
+    box_w = rng.integers(1, width + 1, 6)
+    boxes = np.stack([rng.integers(0, height - box_h + 1),
+                      rng.integers(0, width - box_w + 1), box_h, box_w], 1)
+    out = preprocess.resize(images, boxes, size)
+    assert out.shape == (6, *size, channels) and out.dtype == np.uint8
+    for image, box, result in zip(images, boxes, out):
+      top, left, h, w = (int(v) for v in box)
+      planes = [np.asarray(PIL.Image.fromarray(image[..., c]).resize(
+          size[::-1], PIL.Image.BILINEAR, box=(left, top, left + w, top + h)))
+                for c in range(channels)]
+      diff = np.abs(np.stack(planes, -1).astype(int) - result)
+      assert diff.max() <= 1
+      exact += int(not diff.any())
+      total += 1
+  assert exact >= total // 2
+  # Images of different sizes (PIL, one by one) get what they get alone.
+  mixed = [images[0], images[1, :40, :50]]
+  out = preprocess.resize(mixed, [(0, 0, 64, 64), (2, 3, 30, 40)], (9, 9))
+  np.testing.assert_array_equal(
+      out[1], preprocess.crop_and_resize(mixed[1], (2, 3, 30, 40), (9, 9)))
+
+
+def test_train_batch_is_train_image_per_row():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 12, 10, 3), np.uint8)
+  u = rng.random((5, preprocess.RANDOMS_PER_IMAGE))
+  options = dict(image_size=(6, 4), crop_area=(0.3, 1.0), flip=True)
+  batch = preprocess.train_batch(images, u, **options)
+
+  class Row:  # A generator whose numbers are row i of u.
+
+    def __init__(self, row):
+      self.row = row
+
+    def random(self, shape):
+      return self.row.reshape(shape)
+
+  for i in range(5):
+    np.testing.assert_array_equal(
+        batch[i], preprocess.train_image(images[i], Row(u[i]), **options))
+  # An image's crop and flip depend on its own row of numbers only.
+  np.testing.assert_array_equal(
+      preprocess.train_batch(images[3:], u[3:], **options), batch[3:])
+  np.testing.assert_array_equal(
+      preprocess.eval_batch(images, (6, 4)),
+      np.stack([preprocess.eval_image(image, (6, 4)) for image in images]))
+
+
+def test_loader_reads_folders_in_threads_with_the_same_batches(tmp_path):
+  root = folder_fixture.make_image_folder(tmp_path, splits={"train": 5},
+                                          ext="jpg")
+
+  def batches(read_threads):
+    source = data.get_source("folder:" + root, "train")
+    loader = data.train_loader(source, 6, (8, 8), seed=2,
+                               read_threads=read_threads)
+    return _take(iter(loader), 4), source
+
+  threaded, source = batches(4)
+  _assert_batches_equal(batches(0)[0], threaded)
+  # Every image was decoded once and kept: later epochs read memory.
+  assert source.cached_bytes == sum(
+      np.asarray(source[i]["image"]).nbytes for i in range(len(source)))
+  for path in source.files:
+    os.remove(path)
+  assert not source[0]["image"].flags.writeable
+  next(iter(data.train_loader(source, 6, (8, 8))))
+
+
+def test_folder_cache_is_bounded(tmp_path, monkeypatch):
+  root = folder_fixture.make_image_folder(tmp_path, splits={"train": 3},
+                                          image_size=(4, 5), mode="L")
+  monkeypatch.setattr(sources, "_CACHE",
+                      sources._CacheBudget(2 * 4 * 5))  # Two images.
+  source = data.get_source("folder:" + root, "train")
+  other = data.get_source("folder:" + root, "train")
+  _ = [source[i] for i in range(len(source))]
+  _ = [other[i] for i in range(len(other))]
+  assert source.cached_bytes == 2 * 4 * 5 and other.cached_bytes == 0
+  del source
+  other[0]  # pylint: disable=pointless-statement
+  assert other.cached_bytes == 4 * 5  # The dropped source's share is free.
+
+
+def test_loader_state_names_what_differs_and_reads_grain_states():
+  source = data.get_source("digits", "train[:40]")
+  iterator = iter(data.train_loader(source, 8, (8, 8), seed=1,
+                                    process_index=1, process_count=2))
+  _take(iterator, 3)
+  state = json.loads(data.get_state(iterator))
+  assert state["next_batch"] == 3 and state["seed"] == 1
+  other = iter(data.train_loader(source, 8, (8, 8), seed=2))
+  with pytest.raises(ValueError, match="saved with seed=1 but this loader "
+                     "has seed=2"):
+    data.set_state(other, data.get_state(iterator))
+  # grain's state (the loader of earlier versions): the same position.
+  grain_state = {"version": 2, "last_seen_indices": {"0": 8 * 3 - 1},
+                 "last_worker_index": -1, "worker_count": 0}
+  resumed = iter(data.train_loader(source, 8, (8, 8), seed=1,
+                                   process_index=1, process_count=2))
+  data.set_state(resumed, json.dumps(grain_state))
+  _assert_batches_equal(_take(resumed, 2), _take(iterator, 2))
+  with pytest.raises(ValueError, match="worker_count=2"):
+    data.set_state(resumed, json.dumps(dict(grain_state, worker_count=2)))
 
 
 # Evaluation batches.

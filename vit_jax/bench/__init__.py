@@ -6,6 +6,9 @@
   fewshot.py     the closed-form few-shot ridge (`vit_jax/evaluators/ridge.py`)
                  against scikit-learn's RidgeCV (eigen, svd) and RidgeClassifier,
                  big_vision's solve and a Cholesky solve per L2.
+  pipeline.py    the input pipeline of a config (its dataset and a folder of
+                 image files): decode and augmentation cost per image and the
+                 training loader's images/s beside the training step's.
 
 Each benchmark module holds its own flags (`FLAGS`, an `absl.flags.FlagValues`,
 so that it can be imported beside other command-line modules), `from_flags(FLAGS)`

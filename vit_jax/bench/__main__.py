@@ -1,10 +1,13 @@
-"""`python -m vit_jax.bench {throughput,fewshot} [--flags] [--json]`.
+"""`python -m vit_jax.bench {throughput,fewshot,pipeline} [--flags] [--json]`.
 
   python -m vit_jax.bench throughput [--model=B/16 --batch=32 --image_size=224
       --dtype=float32 --steps=10 --repeats=3 --peers --peak_tflops=T --json]
   python -m vit_jax.bench fewshot [--classes=100 --dim=768 --shots=1,5,10,25
       --seeds=5 --l2_exponents=-2,1,4,7,10,13,16,19 --test_per_class=10
       --repeats=3 --json]
+  python -m vit_jax.bench pipeline [--config=configs/digits.py
+      --datasets=config,folder --folder_images=1000 --folder_size=64
+      --batches=20 --steps=10 --repeats=3 --json]
 
 The subcommand picks the benchmark; its flags follow it (`python -m vit_jax.bench
 BENCHMARK --help` lists them). Without `--json` the results are printed as a
@@ -23,9 +26,11 @@ import sys
 from absl import flags
 
 from vit_jax.bench import fewshot
+from vit_jax.bench import pipeline
 from vit_jax.bench import throughput
 
-BENCHMARKS = {"throughput": throughput, "fewshot": fewshot}
+BENCHMARKS = {"throughput": throughput, "fewshot": fewshot,
+              "pipeline": pipeline}
 USAGE = ("usage: python -m vit_jax.bench {" + ",".join(BENCHMARKS) +
          "} [--flags] [--json]  (BENCHMARK --help lists its flags)")
 

@@ -18,6 +18,12 @@ the first.
 Labels are int32 class indices, or float32 targets for sources with float
 labels such as "digits_value" or a folder with a labels.csv
 (`data.label_dtype(src)`; see `vit_jax.data.sources`).
+
+Batches are made in the training process, a whole batch at a time
+(`data.train_batch`, `data.eval_batch`: vectorised crops, resizing, flips):
+an in-memory source is read by array indexing, files in threads, and an
+image folder keeps its decoded images in memory after the first epoch
+(see `vit_jax.data.loader`).
 """
 
 from vit_jax.data.loader import eval_batches
@@ -29,7 +35,9 @@ from vit_jax.data.loader import num_eval_batches
 from vit_jax.data.loader import num_examples
 from vit_jax.data.loader import set_state
 from vit_jax.data.loader import train_loader
+from vit_jax.data.preprocess import eval_batch
 from vit_jax.data.preprocess import eval_image
+from vit_jax.data.preprocess import train_batch
 from vit_jax.data.preprocess import train_image
 from vit_jax.data.sources import ArraySource
 from vit_jax.data.sources import DatasetNotPreparedError

@@ -39,19 +39,23 @@ Dataset names understood by `get_source`:
   (class labels), or, when `root/<split>/labels.csv` exists, the images it
   lists with float labels: a header `filename,label`, filenames relative to
   `root/<split>/` (subfolders allowed), one image per row in that order.
-  Damaged files are skipped (or, with `strict_images`, an error).
+  Damaged files are skipped (or, with `strict_images`, an error). Decoded
+  images are kept in memory, up to `CACHE_BYTES` for all folders of the
+  process, so that later epochs and evaluations do not decode them again.
 - `"tfds:name"` or a plain tfds name such as `"cifar10"`: read with
   `tfds.data_source` from array_record files in `data_dir`.
 """
 
 import concurrent.futures
 import csv
+import functools
 import hashlib
 import importlib.util
 import math
 import os
 import re
 import threading
+import weakref
 
 import numpy as np
 import PIL.Image
@@ -68,6 +72,34 @@ CHECK_THREADS = 8
 _CHECK_CHUNK = 64
 _JPEG_TAIL = 64
 _JPEG_EOI = b"\xff\xd9"
+
+
+# Bytes of decoded folder images kept in memory, for all folder sources of
+# a process together (see `FolderSource`).
+CACHE_BYTES = 1 << 30
+
+
+class _CacheBudget:
+  """Bytes of decoded images all folder sources of the process may keep."""
+
+  def __init__(self, limit):
+    self.limit = limit
+    self.lock = threading.Lock()
+    self.sources = weakref.WeakSet()
+
+  def keep(self, source, index, image):
+    """Stores `image` as example `index` of `source` if the budget allows."""
+    decoded = source._decoded  # pylint: disable=protected-access
+    with self.lock:
+      used = sum(s.cached_bytes for s in self.sources)
+      if index in decoded or used + image.nbytes > self.limit:
+        return
+      decoded[index] = image
+      source.cached_bytes += image.nbytes
+      self.sources.add(source)
+
+
+_CACHE = _CacheBudget(CACHE_BYTES)
 
 
 INT_LABELS = np.dtype(np.int32)
@@ -139,19 +171,73 @@ class ArraySource:
             "label": _label_value(self.labels[index], self.label_dtype)}
 
   def __repr__(self):
-    # Stable across runs: grain stores it in the iterator state to validate it.
+    # Stable across runs: the loaders store it in the iterator state to
+    # validate it.
     return f"ArraySource(name={self.name!r}, len={len(self)})"
+
+
+# The test examples of the fixed stratified split (indices into scikit-
+# learn's 1797 digits): `train_test_split(range(1797), test_size=0.2,
+# stratify=labels, random_state=0)`, stored so that loading the digits
+# needs no scikit-learn import (about a second); a test checks it.
+_DIGITS_TEST = (
+    21, 24, 28, 34, 35, 37, 39, 42, 45, 51, 57, 77, 78, 81, 87, 96, 99, 102,
+    103, 105, 110, 117, 119, 131, 132, 134, 148, 159, 170, 173, 186, 188,
+    197, 198, 202, 204, 205, 211, 214, 227, 240, 243, 245, 252, 254, 264,
+    267, 275, 276, 279, 283, 286, 293, 298, 304, 305, 306, 307, 308, 312,
+    314, 326, 328, 335, 339, 344, 346, 364, 372, 374, 376, 380, 386, 393,
+    397, 403, 405, 407, 410, 413, 417, 420, 423, 425, 430, 433, 440, 442,
+    452, 454, 481, 493, 496, 497, 499, 500, 520, 527, 528, 538, 553, 556,
+    565, 567, 568, 569, 573, 587, 593, 604, 608, 610, 619, 637, 639, 641,
+    649, 652, 666, 667, 675, 694, 700, 701, 702, 704, 705, 709, 716, 719,
+    734, 738, 741, 744, 749, 760, 766, 767, 768, 770, 772, 783, 786, 787,
+    788, 789, 794, 800, 802, 805, 806, 808, 811, 812, 820, 822, 852, 854,
+    855, 860, 865, 876, 885, 888, 890, 899, 900, 905, 908, 918, 926, 929,
+    937, 943, 944, 945, 951, 960, 973, 977, 985, 989, 990, 992, 997, 1002,
+    1003, 1005, 1006, 1007, 1009, 1010, 1012, 1014, 1016, 1023, 1030, 1035,
+    1037, 1038, 1049, 1053, 1056, 1073, 1081, 1086, 1088, 1090, 1096, 1098,
+    1101, 1107, 1108, 1116, 1118, 1121, 1123, 1136, 1141, 1148, 1150, 1151,
+    1152, 1157, 1159, 1161, 1162, 1167, 1168, 1169, 1173, 1174, 1180, 1187,
+    1192, 1204, 1217, 1220, 1221, 1224, 1232, 1233, 1242, 1253, 1261, 1262,
+    1264, 1268, 1269, 1270, 1287, 1292, 1296, 1302, 1312, 1319, 1330, 1331,
+    1332, 1340, 1350, 1351, 1352, 1353, 1364, 1371, 1372, 1375, 1395, 1404,
+    1405, 1406, 1415, 1424, 1429, 1435, 1440, 1442, 1450, 1455, 1466, 1467,
+    1470, 1471, 1474, 1476, 1482, 1484, 1487, 1493, 1496, 1497, 1505, 1509,
+    1512, 1513, 1520, 1529, 1530, 1532, 1540, 1541, 1542, 1551, 1558, 1560,
+    1566, 1567, 1576, 1582, 1592, 1596, 1602, 1606, 1608, 1610, 1613, 1614,
+    1617, 1626, 1628, 1629, 1634, 1637, 1645, 1650, 1655, 1660, 1664, 1666,
+    1668, 1673, 1674, 1680, 1688, 1691, 1696, 1703, 1704, 1706, 1716, 1717,
+    1726, 1728, 1734, 1742, 1745, 1750, 1755, 1758, 1767, 1770, 1771, 1772,
+    1776, 1778, 1781, 1787, 1789, 1791)
 
 
 def digits_split_indices():
   """Returns (train, test) index arrays of the fixed stratified digits split."""
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
-  import sklearn.model_selection  # pylint: disable=g-import-not-at-top
-  labels = sklearn.datasets.load_digits().target
-  train, test = sklearn.model_selection.train_test_split(
-      np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
-      stratify=labels, random_state=DIGITS_SPLIT_SEED)
-  return np.sort(train), np.sort(test)
+  test = np.array(_DIGITS_TEST, np.int64)
+  train = np.setdiff1d(np.arange(len(_digits_data()[1])), test)
+  return train, test
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_data():
+  """(images float [1797, 8, 8] in 0..16, int labels [1797]) of the digits.
+
+  Read from the file scikit-learn ships (`datasets/data/digits.csv.gz`, as
+  its `load_digits` does), without importing scikit-learn; through
+  `load_digits` if the file is not there.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  path = spec and os.path.join(os.path.dirname(spec.origin), "datasets",
+                               "data", "digits.csv.gz")
+  if path and os.path.isfile(path):
+    table = np.loadtxt(path, delimiter=",")
+    images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+  else:
+    import sklearn.datasets  # pylint: disable=g-import-not-at-top
+    digits = sklearn.datasets.load_digits()
+    images, labels = digits.images, digits.target
+  images.setflags(write=False)
+  return images, labels.astype(np.int64)
 
 
 _SLICE = re.compile(r"^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$")
@@ -209,7 +295,6 @@ def _digits(dataset, split):
 
   `split` is "train" or "test", optionally sliced ("train[:10%]").
   """
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
   train, test = digits_split_indices()
   try:
     base, part = split_slice(split, {"train": len(train), "test": len(test)})
@@ -218,11 +303,11 @@ def _digits(dataset, split):
   index = (train if base == "train" else test)[part]
   if not len(index):
     raise ValueError(f"split {split!r} of dataset \"{dataset}\" is empty")
-  digits = sklearn.datasets.load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  pixels, labels = _digits_data()
+  images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]
   if dataset == "digits_canvas":
     images = canvas_digits(images)
-  return images[index], digits.target[index]
+  return images[index], labels[index]
 
 
 def digits_source(split):
@@ -479,6 +564,11 @@ class FolderSource:
   maps each to why. With `strict_images=True` the first of them (in sorted
   order) is an `errors.Error` instead. A file that still fails to decode
   when read is an `errors.Error` naming it.
+
+  Decoded images are kept (read-only) in memory once read, while the folder
+  sources of the process hold less than `CACHE_BYTES` together: a folder
+  that fits is decoded once, in its first epoch, and its later epochs read
+  memory only (`cached_bytes` says how much this source holds).
   """
 
   def __init__(self, root, split, num_channels=None, class_names=None,
@@ -515,6 +605,8 @@ class FolderSource:
       num_channels = 1 if grayscale else 3
     self.num_channels = num_channels
     self.mode = "L" if num_channels == 1 else "RGB"
+    self._decoded = {}
+    self.cached_bytes = 0
 
   def _skip_damaged(self, split_dir, strict):
     """Leaves out the files `check_images` rejects; returns `grayscale`."""
@@ -576,6 +668,14 @@ class FolderSource:
     return len(self.files)
 
   def __getitem__(self, index):
+    index = int(index)
+    image = self._decoded.get(index)
+    if image is None:
+      image = self._decode(index)
+    return {"image": image,
+            "label": _label_value(self.labels[index], self.label_dtype)}
+
+  def _decode(self, index):
     path = self.files[index]
     try:
       image = decode_image(path, self.num_channels)
@@ -584,8 +684,13 @@ class FolderSource:
           f"cannot decode image {path} ({_reason(e)}): remove or replace the "
           "file (files found damaged when the source is built are skipped)"
       ) from e
-    return {"image": image,
-            "label": _label_value(self.labels[index], self.label_dtype)}
+    image.setflags(write=False)
+    _CACHE.keep(self, index, image)
+    return image
+
+  def __getstate__(self):
+    # Worker processes start with an empty cache.
+    return dict(self.__dict__, _decoded={}, cached_bytes=0)
 
   def __repr__(self):
     return (f"FolderSource(root={self.root!r}, split={self.split!r}, "
