@@ -1,11 +1,15 @@
 """The command line: one-line errors, and falling back from a bad checkpoint."""
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax import compilation_cache
 from vit_jax import main
 from vit_jax import metrics
 
@@ -63,14 +67,52 @@ def test_bad_input_is_one_line(capfd, tmp_path, args, message):
   assert len([l for l in out.splitlines() if l.startswith("error:")]) == 1
 
 
-def test_unwritable_workdir(capfd, tmp_path):
+@pytest.fixture
+def jax_cache_config():
+  """JAX's config; conftest restores its compilation cache options after
+  the test."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.config
+
+
+def test_unwritable_workdir(capfd, tmp_path, jax_cache_config):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  rc, out = _run(capfd, *TINY, f"--workdir={blocker / 'sub'}")
+  rc, out = _run(capfd, *TINY, f"--workdir={blocker / 'sub'}",
+                 f"--compilation_cache={blocker / 'cache'}")
   assert rc == 1
   assert f"error: cannot write to workdir {blocker / 'sub'}" in out
   assert "pass a writable --workdir" in out
   assert "Traceback" not in out
+  # A cache directory that cannot be created is a warning, not an error.
+  assert (f"warning: cannot use the compilation cache directory "
+          f"{blocker / 'cache'}") in out
+  assert not jax_cache_config.jax_enable_compilation_cache
+
+
+def test_compilation_cache_directories(tmp_path, monkeypatch,
+                                       jax_cache_config):
+  monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "env"))
+  assert compilation_cache.default_dir() == str(tmp_path / "env")
+  monkeypatch.delenv("VIT_JAX_CACHE")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compilation_cache.default_dir() == str(tmp_path / "xdg" / "vit_jax" /
+                                                "xla")
+  directory = compilation_cache.setup(str(tmp_path / "cache"))
+  assert directory == str(tmp_path / "cache")
+  assert os.stat(directory).st_mode & 0o777 == 0o700
+  assert jax_cache_config.jax_compilation_cache_dir == directory
+  assert jax_cache_config.jax_enable_compilation_cache
+  assert jax_cache_config.jax_persistent_cache_min_compile_time_secs <= 0.1
+  # None keeps the directory chosen before (a sweep's, for its points); a
+  # sweep's own default wins over it, but not over one JAX got elsewhere.
+  assert compilation_cache.setup() == directory
+  other, own = str(tmp_path / "other"), str(tmp_path / "own")
+  assert compilation_cache.setup(default=other) == other
+  jax_cache_config.update("jax_compilation_cache_dir", own)
+  assert compilation_cache.setup(default=other) == own
+  assert compilation_cache.setup("") is None
+  assert not jax_cache_config.jax_enable_compilation_cache
 
 
 def test_missing_workdir_or_config(capfd, tmp_path):
@@ -86,6 +128,9 @@ def test_corrupt_latest_checkpoint_falls_back(capfd, tmp_path):
   workdir = str(tmp_path / "w")
   rc, out = _run(capfd, *TINY, f"--workdir={workdir}")
   assert rc == 0, out
+  assert "compilation cache: " in out
+  assert re.search(r"^time: [0-9.]+ s \(setup [0-9.]+ s, training [0-9.]+ s"
+                   r".*\); XLA compiled \d+ programs", out, re.M), out
   ckpts = os.path.join(workdir, "checkpoints")
   assert sorted(os.listdir(ckpts)) == ["2", "4"]
   good = checkpoint.latest_params(workdir)[0]
@@ -130,3 +175,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(capfd, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_metric_writer_does_not_import_torch(tmp_path):
+  # tensorboardX imports PyTorch if it can; a training run has no use for it.
+  code = ("import sys; from vit_jax import metrics; "
+          f"w = metrics.MetricWriter({str(tmp_path)!r}, 1, progress=False); "
+          "w.write(1, {'loss': 0.5}); w.close(); "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                       capture_output=True, text=True).stdout
+  assert out.strip() == "[]"
+  assert os.listdir(tmp_path / "tb")
+  assert metrics.read_jsonl(str(tmp_path))[0]["loss"] == 0.5

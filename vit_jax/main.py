@@ -5,9 +5,13 @@
       --config.init=ViT-B_16.npz --workdir=/tmp/ft [--config.field=value ...]
 
 Running the same command again resumes from the newest checkpoint in the
-workdir. Several processes (hosts) join with `--distributed` (or
-`config.distributed`, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID environment variables).
+workdir. Compiled programs are kept in a persistent compilation cache
+(`--compilation_cache=DIR`; default $VIT_JAX_CACHE, else
+$XDG_CACHE_HOME/vit_jax/xla or ~/.cache/vit_jax/xla; '' turns it off), so
+a repeated or resumed run does not compile them again. Several processes
+(hosts) join with `--distributed` (or `config.distributed`, or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
+variables).
 
 Problems the user can fix are printed as one line `error: <message>` and the
 exit status is 1.
@@ -20,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_jax import compilation_cache
 from vit_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,6 +34,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and the config.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of the persistent compilation cache ('' turns it off; "
+    "default: $VIT_JAX_CACHE, else $XDG_CACHE_HOME/vit_jax/xla, else "
+    "~/.cache/vit_jax/xla).")
 
 
 def _fail(message):
@@ -84,6 +94,9 @@ def run(argv):
     from vit_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.maybe_initialize_distributed(
         _DISTRIBUTED.value or bool(config.get("distributed")))
+    import jax  # pylint: disable=g-import-not-at-top
+    compilation_cache.setup(_COMPILATION_CACHE.value,
+                            log=print if jax.process_index() == 0 else None)
     from vit_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)
   except errors.Error as e:

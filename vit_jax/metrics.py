@@ -13,6 +13,25 @@ import sys
 import jax
 
 
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without PyTorch.
+
+  tensorboardX imports PyTorch when it is installed (for tensors we never
+  pass it), which costs seconds at the start and the exit of every run; it
+  falls back to numpy when the import fails, so the import is refused while
+  tensorboardX loads, unless PyTorch is already loaded.
+  """
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to metrics.jsonl and TensorBoard; shows a progress bar."""
 
@@ -24,8 +43,7 @@ class MetricWriter:
     if not self.active:
       return
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb = _summary_writer_class()(os.path.join(workdir, "tb"))
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",

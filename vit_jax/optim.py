@@ -192,11 +192,17 @@ def _scale_by_layer_decay(decay, num_layers):
       lambda _: optax.EmptyState(), update_fn)
 
 
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+
+
 def make_schedule(cfg, total_steps):
   """Learning-rate schedule: linear warmup then the configured decay."""
   lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
   end_lr = float(cfg.get("end_lr", 0.0))
   name = cfg.schedule
+  if name not in SCHEDULES:
+    raise errors.Error(
+        f"unknown schedule {name!r}: use {', '.join(SCHEDULES)}")
   if warmup >= total_steps and name != "constant":
     raise errors.Error(
         f"warmup_steps={warmup} must be smaller than the {total_steps} total "
@@ -212,16 +218,12 @@ def make_schedule(cfg, total_steps):
     elif name == "rsqrt":
       timescale = max(warmup, 1)
       value = lr * jnp.sqrt(timescale / jnp.maximum(step, timescale))
-    elif name == "constant":
+    else:  # constant
       value = jnp.full_like(step, lr)
-    else:
-      raise errors.Error(
-          f"unknown schedule {name!r}: use cosine, linear, rsqrt or constant")
     if warmup > 0:
       value = value * jnp.minimum(1.0, (step + 1.0) / warmup)
     return value
 
-  schedule(0)  # Validates the name early.
   return schedule
 
 

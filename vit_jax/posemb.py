@@ -27,7 +27,6 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-import scipy.ndimage
 
 from vit_jax.sizes import pair
 
@@ -150,6 +149,7 @@ def resample(posemb, old_grid, new_grid, num_prefix_tokens: int = 1,
   if method == "zoom":
     grid = np.asarray(grid, dtype=np.float32)
     zoom = (new_h / old_h, new_w / old_w, 1)
+    import scipy.ndimage  # pylint: disable=g-import-not-at-top
     new = scipy.ndimage.zoom(grid, zoom, order=1)
     new = new.reshape(1, new_h * new_w, dim)
     return np.concatenate([np.asarray(prefix, np.float32), new], axis=1)

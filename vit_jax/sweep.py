@@ -43,6 +43,7 @@ import time
 
 from absl import flags
 
+from vit_jax import compilation_cache
 from vit_jax import errors
 
 FLAGS = flags.FlagValues()
@@ -233,11 +234,7 @@ def _compilation_cache(root):
   """Points share compiled steps through a persistent cache in ROOT/.jax_cache
   (unless JAX_COMPILATION_CACHE_DIR names another): the settings of a sweep
   often compile the same functions, and compiling dominates short points."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(root, ".jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  compilation_cache.setup(default=os.path.join(root, ".jax_cache"))
 
 
 @errors.command_line

@@ -12,10 +12,13 @@ parameters and optimizer state are donated. Per-step randomness is
 resumed run continues exactly where the interrupted one stopped.
 """
 
+import collections
+import contextlib
 import gc
 import os
 import re
 import signal
+import threading
 import time
 
 import jax
@@ -24,6 +27,7 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax import compilation_cache
 from vit_jax import config_utils
 from vit_jax import data
 from vit_jax import errors
@@ -70,6 +74,88 @@ class StopFlag:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
     return flag
+
+
+class _Clock:
+  """Wall time of the run's phases, and what XLA spent compiling in them.
+
+  XLA's compilations (and loads from the persistent compilation cache) are
+  counted by a `jax.monitoring` listener from the clock's start on.
+  """
+
+  _COMPILED = "/jax/core/compile/backend_compile_duration"
+  _LOADED = "/jax/compilation_cache/cache_retrieval_time_sec"
+  _totals = collections.Counter()
+  _listening = False
+
+  def __init__(self):
+    if not _Clock._listening:
+      jax.monitoring.register_event_duration_secs_listener(_Clock._count)
+      _Clock._listening = True
+    self.start = time.perf_counter()
+    self.seconds = collections.Counter()
+    self._xla_start = collections.Counter(_Clock._totals)
+
+  @staticmethod
+  def _count(event, duration, **kwargs):
+    del kwargs
+    if event in (_Clock._COMPILED, _Clock._LOADED):
+      _Clock._totals[event] += duration
+      _Clock._totals[event + "#"] += 1
+
+  @contextlib.contextmanager
+  def phase(self, name):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] += time.perf_counter() - start
+
+  def summary(self, rest="training"):
+    """One line: the phases' seconds (`rest` the time in none of them) and
+    XLA's compilations."""
+    total = time.perf_counter() - self.start
+    xla = collections.Counter(_Clock._totals)
+    xla.subtract(self._xla_start)
+    seconds = dict(self.seconds)
+    seconds[rest] = total - sum(self.seconds.values())
+    order = ["setup", rest] + [k for k in seconds if k not in ("setup", rest)]
+    phases = ", ".join(f"{name} {seconds[name]:.1f} s" for name in order
+                       if name in seconds)
+    # A program loaded from the cache also counts as compiled, for the time
+    # it took to load.
+    loaded, load_seconds = xla[self._LOADED + "#"], xla[self._LOADED]
+    line = (f"time: {total:.1f} s ({phases}); XLA compiled "
+            f"{xla[self._COMPILED + '#'] - loaded} programs in "
+            f"{max(0.0, xla[self._COMPILED] - load_seconds):.1f} s")
+    if loaded:
+      line += (f", loaded {loaded} from the compilation cache in "
+               f"{load_seconds:.1f} s")
+    return line
+
+
+def _in_background(fn):
+  """Runs `fn()` in a thread; returns a function that waits for its result
+  (raising its exception). XLA compiles without the GIL, so two programs
+  compile at once on two cores."""
+  out = {}
+
+  def work():
+    try:
+      out["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      out["error"] = e
+
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
+
+  def wait():
+    thread.join()
+    if "error" in out:
+      raise out["error"]
+    return out["value"]
+
+  return wait
 
 
 def _prepare_workdir(workdir):
@@ -126,6 +212,14 @@ def _with_shardings(shapes, shardings):
       shapes, shardings)
 
 
+def _fits(tree, specs):
+  """Whether arrays `tree` have the structure, shapes and dtypes of `specs`."""
+  if jax.tree.structure(tree) != jax.tree.structure(specs):
+    return False
+  return all(x.shape == s.shape and x.dtype == s.dtype
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(specs)))
+
+
 def _put(tree, shardings):
   """Host numpy tree (same on every process) -> global sharded arrays."""
   return jax.tree.map(
@@ -180,6 +274,7 @@ def train_and_evaluate(config, workdir, devices=None):
   Returns:
     The metrics of the final evaluation (dict).
   """
+  clock = _Clock()
   # Config and workdir.
   config_utils.validate(config)
   _prepare_workdir(workdir)
@@ -297,24 +392,43 @@ def train_and_evaluate(config, workdir, devices=None):
 
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
   log(f"XLA options of the compiled steps: {xla_options.describe(options)}")
+  log(f"compilation cache: {compilation_cache.current() or 'off'}")
+
+  # The update step for these state and batch shapes, compiled ahead.
+  state_spec = _with_shardings(state_shapes, state_shardings)
+  batch_spec = {
+      "image": jax.ShapeDtypeStruct((batch_size, *image_size, num_channels),
+                                    jnp.float32, sharding=batch_shard),
+      "label": jax.ShapeDtypeStruct((batch_size,), data.label_dtype(train_src),
+                                    sharding=batch_shard)}
+
+  def compile_step():
+    return train_step.lower(state_spec, batch_spec).compile()
 
   # Restore, or initialise (from scratch or from config.init).
   ckpt = checkpoint.Manager(workdir, max_to_keep=config.max_to_keep, log=log)
-  restored = ckpt.restore_latest(_with_shardings(state_shapes,
-                                                 state_shardings))
+  restored = ckpt.restore_latest(state_spec)
   if restored is not None:
     start_step, state, data_state = restored
     data.set_state(train_iter, data_state["data"])
     log(f"resumed from the checkpoint at step {start_step}")
+    step_fn = compile_step() if start_step < total_steps else None
   else:
     start_step = 0
     if config.get("init"):
       random_params = sharding.to_numpy(jax.jit(init_params)(rng))
       params = checkpoint.load_init(random_params, config, grid, log=log)
       params = _put(params, param_shardings)
+      state = jax.jit(make_state, out_shardings=state_shardings)(params, rng)
+      step_fn = compile_step()
     else:
-      params = jax.jit(init_params, out_shardings=param_shardings)(rng)
-    state = jax.jit(make_state, out_shardings=state_shardings)(params, rng)
+      # The initial state compiles in the background while the update step
+      # compiles here.
+      init_state = jax.jit(lambda rng: make_state(init_params(rng), rng),
+                           out_shardings=state_shardings)
+      init_state = _in_background(init_state.lower(rng).compile)
+      step_fn = compile_step()
+      state = init_state()(rng)
 
   # The resolved config, once the checkpoint (if any) is known to fit it.
   if jax.process_index() == 0:
@@ -375,10 +489,13 @@ def train_and_evaluate(config, workdir, devices=None):
       log(f"already trained for {total_steps} steps; evaluating")
       results = evaluate(start_step, final=True)
     pending = []
+    clock.seconds["setup"] = time.perf_counter() - clock.start
     window_start, window_steps = time.time(), 0
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch)
+      if step == start_step + 1 and not _fits(batch, batch_spec):
+        step_fn = train_step  # Compiles for this batch at its first call.
+      state, step_metrics = step_fn(state, batch)
       pending.append((step, step_metrics))
       window_steps += 1
       writer.advance()
@@ -396,10 +513,12 @@ def train_and_evaluate(config, workdir, devices=None):
           writer.write(step, row)
           window_start, window_steps = time.time(), 0
       if last or any(_every(step, every) for _, every, _ in evaluators):
-        results = evaluate(step, final=last)
+        with clock.phase("evaluation"):
+          results = evaluate(step, final=last)
       if save:
-        ckpt.save(step, state, {"step": step,
-                                "data": data.get_state(train_iter)})
+        with clock.phase("checkpoints"):
+          ckpt.save(step, state, {"step": step,
+                                  "data": data.get_state(train_iter)})
       if stopping and not last:
         ckpt.wait()
         name = signal.Signals(stop.signum).name if stop.signum else "signal"
@@ -408,11 +527,13 @@ def train_and_evaluate(config, workdir, devices=None):
         break
   finally:
     stop.uninstall()
-    ckpt.close()
+    with clock.phase("checkpoints"):
+      ckpt.close()
     writer.close()
     # Stop grain's worker processes and drop the last batch (its host
     # buffers may be the workers' shared memory) now: collected only at
     # interpreter exit, they trigger the resource tracker's leak warning.
     train_iter = batch = None
     gc.collect()
+  log(clock.summary())
   return results
