@@ -20,6 +20,7 @@ mask token explicitly (`split_unused`).
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -168,7 +169,15 @@ def _restore_numpy(step_dir):
   """Reads a checkpoint's state item as numpy arrays (no mesh needed)."""
   path = os.path.join(step_dir, "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(path).item_metadata.tree
+  # The step's _CHECKPOINT_METADATA is one level up, in the step directory;
+  # orbax warns that the item directory has none, which is expected here.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(max(level, logging.ERROR))
+  try:
+    meta = checkpointer.metadata(path).item_metadata.tree
+  finally:
+    absl_logger.setLevel(level)
   restore_args = jax.tree.map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   return checkpointer.restore(
