@@ -1,7 +1,9 @@
 """Tests for vit_jax.models: registry, parameter tree, counts, shapes, errors.
 
-Everything here traces with `jax.eval_shape` (no compilation, no allocation);
-numerical checks of the forward pass are in test_model_numerics.py.
+Everything here traces with `jax.eval_shape` (no compilation, no allocation)
+except the attention tests, which compare the attention paths' outputs and
+gradients on the tiny "testing" model; numerical checks of the forward pass
+are in test_model_numerics.py.
 """
 
 import functools
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from vit_jax import models
+from vit_jax.models import vit
 
 RNG = {"params": jax.random.PRNGKey(0)}
 
@@ -382,6 +385,83 @@ def test_attention_impls_compute_the_same_function():
   weights = outs["auto"][1]["block0/attention"]
   assert weights.shape == (2, 2, 16, 16)
   np.testing.assert_allclose(np.sum(weights, axis=-1), 1, atol=1e-5)
+
+
+def _plain_attention(q, k, v, bias, scale):
+  """The einsum / softmax attention core, differentiated by autodiff."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
+  if bias is not None:
+    logits = logits + bias
+  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@functools.lru_cache(maxsize=None)
+def _core_vjps(with_bias):
+  """Jitted (output, vjp) of the custom-VJP core and of the plain one."""
+  def both(q, k, v, bias, d_out):
+    return [(out, vjp(d_out)) for out, vjp in (
+        jax.vjp(lambda *a: core(*a, 0.3), q, k, v, bias)
+        for core in (vit.attention_core, _plain_attention))]
+  return jax.jit(both)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_q", [5, 1])
+def test_attention_core_gradient_matches_autodiff(with_bias, num_q):
+  """The hand-written backward pass of attention_core (dV = Pᵀ dO, dS =
+  P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), ...) equals autodiff of the plain path, for
+  q, k, v and the bias; also with fewer queries than keys (the MAP head)."""
+  rng = np.random.default_rng(0)
+
+  def normal(*shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+  q, d_out = normal(2, 3, num_q, 4), normal(2, 3, num_q, 4)
+  k, v = normal(2, 3, 5, 4), normal(2, 3, 5, 4)
+  bias = normal(1, 3, num_q, 5) if with_bias else None
+  (out, grads), (want, want_grads) = _core_vjps(with_bias)(q, k, v, bias,
+                                                           d_out)
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  assert (grads[3] is None) == (not with_bias)
+  for got, expected in zip(grads, want_grads):
+    if expected is not None:
+      np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("classifier,posemb", [
+    ("token", "relative"), ("gap", "learn")])
+def test_attention_custom_vjp_matches_the_weights_path(classifier, posemb):
+  """Loss and gradients (every parameter: q / k / v / out kernels, the
+  relative position bias table, ...; and the images) through the custom-VJP
+  core equal those through the plain einsum / softmax path, which the model
+  takes when it returns the attention weights: with a cls token (prefix)
+  and the relative bias, and with neither."""
+  net = models.create("testing", classifier=classifier, posemb=posemb)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  params = jax.jit(net.init)(jax.random.PRNGKey(1), x)["params"]
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(  # non-zero relative tables, head and biases
+      lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
+
+  def loss(p, x, weights):
+    logits = net.apply({"params": p}, x, output_attentions=weights)[0]
+    return jnp.sum(jnp.sin(logits))
+
+  def custom_and_plain(p, x):
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, weights=False))(p, x))
+    assert "custom_vjp" in jaxpr
+    return [jax.value_and_grad(functools.partial(loss, weights=w),
+                               argnums=(0, 1))(p, x) for w in (False, True)]
+
+  (value, grads), (want, want_grads) = jax.jit(custom_and_plain)(params, x)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  flat = jax.tree_util.tree_flatten_with_path(want_grads)[0]
+  names = {jax.tree_util.keystr(path) for path, _ in flat}
+  if posemb == "relative":
+    assert any("relative_position_bias" in n for n in names)
+  for (path, expected), got in zip(flat, jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_attention_impl_errors():

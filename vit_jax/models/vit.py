@@ -17,6 +17,7 @@ patch tokens, without the cls token), "pre_logits", "logits", and on request
 decoder.
 """
 
+import functools
 from typing import Any, Optional, Tuple
 
 import flax
@@ -75,6 +76,61 @@ def attention_impl(impl: str, need_weights: bool) -> str:
   return "einsum" if jax.default_backend() == "cpu" else "jax"
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention_core(q, k, v, bias, scale: float):
+  """softmax(scale · q kᵀ + bias) v on heads-first [B, H, T, D/H] arrays.
+
+  The logits are in q's dtype, the softmax in float32, its result (the
+  weights P) cast back to q's dtype; `bias` (None or [1, H, T, T]) is added
+  to the logits. Its gradient is written out (flash attention's backward
+  pass, with the whole P kept): the forward pass saves q, k, v, P and the
+  output O, not the logits or the exponentials, and the backward pass is
+
+    dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),
+    dQ = scale · dS K,  dK = scale · dSᵀ Q,  d bias = Σ_batch dS,
+
+  where rowsum(dO ⊙ O) = rowsum(dP ⊙ P) (since O = PV) reduces over D/H
+  instead of T. The same function as the plain einsum / softmax path
+  (to float32 round-off), used where that path would not need the weights.
+  """
+  return _attention_core_fwd(q, k, v, bias, scale)[0]
+
+
+def _attention_logits(q, k, bias, scale):
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  return logits if bias is None else logits + bias
+
+
+def _attention_core_fwd(q, k, v, bias, scale):
+  weights = jax.nn.softmax(
+      _attention_logits(q, k, bias, scale).astype(jnp.float32), axis=-1)
+  weights = weights.astype(q.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+  return out, (q, k, v, bias, weights, out)
+
+
+def _attention_core_bwd(scale, res, d_out):
+  q, k, v, bias, weights, out = res
+  d_v = jnp.einsum("bhqk,bhqd->bhkd", weights, d_out)
+  d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v).astype(jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+                keepdims=True)  # = rowsum(dP ⊙ P)
+  d_logits = weights.astype(jnp.float32) * (d_weights - row)
+  d_bias = None
+  if bias is not None:
+    axes = tuple(i for i, (n, m) in enumerate(zip(bias.shape, d_logits.shape))
+                 if n == 1 and m != 1)
+    d_bias = jnp.sum(d_logits, axis=axes, keepdims=True).astype(bias.dtype)
+  d_logits = d_logits.astype(q.dtype)
+  scale = jnp.asarray(scale, q.dtype)
+  d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k) * scale
+  d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q * scale)
+  return d_q, d_k, d_v, d_bias
+
+
+attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def activation(name: str):
   if name == "gelu_tanh":
     return lambda x: nn.gelu(x, approximate=True)
@@ -115,7 +171,9 @@ class MultiHeadDotProductAttention(nn.Module):
   (`per_token`). `impl` picks the attention kernel (`attention_impl`): the
   explicit [B, H, T, T] einsum / softmax path (also whenever the weights are
   needed: returned, multiplied by a head mask or dropped out) or
-  `jax.nn.dot_product_attention` ("xla", "cudnn").
+  `jax.nn.dot_product_attention` ("xla", "cudnn"). Where the einsum path
+  does not need the weights it is `attention_core`, with its hand-written
+  backward pass (faster on CPU, docs/benchmarks.md).
 
   With `relative_grid` (the patch grid the table is built for), a learned
   relative position bias is added to the logits before the softmax:
@@ -180,16 +238,19 @@ class MultiHeadDotProductAttention(nn.Module):
     if impl == "einsum":
       # Heads before tokens: both products are plain batched matmuls.
       q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, T, D/H]
-      logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-      if bias is not None:
-        logits = logits + bias
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      weights = weights.astype(q.dtype)
-      weights = nn.Dropout(rate=self.dropout_rate)(
-          weights, deterministic=deterministic)
-      if head_mask is not None:
-        weights = weights * head_mask.astype(weights.dtype)[None, :, None, None]
-      y = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+      if not (need_weights or head_mask is not None or use_dropout):
+        y = attention_core(q, k, v, bias, scale)
+      else:
+        logits = _attention_logits(q, k, bias, scale)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights = weights.astype(q.dtype)
+        weights = nn.Dropout(rate=self.dropout_rate)(
+            weights, deterministic=deterministic)
+        if head_mask is not None:
+          mask = head_mask.astype(weights.dtype)[None, :, None, None]
+          weights = weights * mask
+        y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+      y = jnp.swapaxes(y, 1, 2)
     else:
       y = jax.nn.dot_product_attention(
           q, k, v, bias=bias, scale=scale,
