@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     "pillow>=10",
     "scikit-learn>=1.4",
+    "threadpoolctl>=3.1",
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from sklearn import datasets
 from sklearn import linear_model
+import threadpoolctl
 
+from vit_jax.evaluators import fewshot
 from vit_jax.evaluators import ridge
 
 L2S = (2.0**-3, 1.0, 2.0**4, 2.0**10)
@@ -150,6 +152,36 @@ def test_evaluate_combines_fit_and_selection():
       ridge.select(out["loo_error"], out["loo_sq_error"]))
   # Raw pixels of 5 digits per class separate the classes well above chance.
   assert float(out["accuracy"].max()) > 0.5
+
+
+@pytest.mark.parametrize("per_class", [3, 10])  # N = 30 < 65 (dual), 100
+def test_seeds_concurrently_as_one_after_another_and_vmapped(per_class):
+  x, labels, x_test, test_labels = _digits_problem(25)
+  rng = np.random.default_rng(per_class)
+  rows = np.stack([np.concatenate([
+      rng.permutation(np.flatnonzero(labels == c))[:per_class]
+      for c in range(10)]) for _ in range(3)])
+  l2s = np.array(L2S, np.float32)
+  fn = functools.partial(ridge.evaluate, num_classes=10)
+  blas_threads = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+  concurrent = fewshot.PerSeed(fn, workers=2)
+  args = (x[rows], labels[rows], x_test, test_labels, l2s)
+  out = concurrent(*args)
+  # The libraries' thread counts are restored after the concurrent calls.
+  assert [i["num_threads"] for i in threadpoolctl.threadpool_info()
+          ] == blas_threads
+  serial = fewshot.PerSeed(fn, workers=1)(*args)
+  vmapped = jax.device_get(concurrent.batched(args[0], args[1], args[2:]))
+  assert set(out) == {"accuracy", "loo_error", "loo_sq_error", "best"}
+  for key, value in out.items():
+    assert value.shape == vmapped[key].shape and value.shape[0] == 3
+    np.testing.assert_array_equal(value, serial[key], err_msg=key)
+    np.testing.assert_allclose(value, vmapped[key], rtol=1e-4, err_msg=key)
+  for s in range(3):  # Each seed as `ridge.evaluate` alone.
+    alone = jax.jit(fn)(x[rows[s]], labels[rows[s]], x_test, test_labels, l2s)
+    np.testing.assert_allclose(out["loo_sq_error"][s], alone["loo_sq_error"],
+                               rtol=1e-4)
+    np.testing.assert_array_equal(out["accuracy"][s], alone["accuracy"])
 
 
 def test_l2_index():

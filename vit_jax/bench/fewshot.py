@@ -6,10 +6,11 @@
       big_vision,cholesky --json]
 
 Ours is `vit_jax/evaluators/ridge.py` (docs/design.md §6): one
-eigendecomposition per (shots, seed) serving every L2 value, jitted and
-vmapped over the seeds (as the few-shot evaluator calls it), timed warm, with
-and without the leave-one-out (LOO) choice of L2. Its peers (`--peers`), on
-the same whitened features, splits and L2 values:
+eigendecomposition per (shots, seed) serving every L2 value, called as the
+few-shot evaluator calls it (`fewshot.solver`: on CPU one jitted call per
+seed, the seeds concurrently), timed warm, with and without the leave-one-out
+(LOO) choice of L2. Its peers (`--peers`), on the same whitened features,
+splits and L2 values:
 
   ridge_classifier  scikit-learn `RidgeClassifier(alpha=l2)`, one fit per
                     (shots, seed, l2).
@@ -240,22 +241,28 @@ def cholesky_accuracy(x_train, labels_train, x_test, labels_test, l2s, *,
 def _jitted(name, num_classes=None, loo=True):
   """The jitted functions of the JAX sides, compiled once per process.
 
-  "ours" and "cholesky" are vmapped over seeds, as the few-shot evaluator
-  calls `ridge.evaluate`; "big_vision" is (cache, accuracy), jitted as in
-  big_vision.
+  "ours" is the few-shot evaluator's solver (`fewshot.solver`: on CPU the
+  seeds run concurrently, one jitted call each), "eigh" its whitening, Gram
+  matrices and eigendecompositions run the same way; "cholesky" is vmapped
+  over seeds; "big_vision" is (cache, accuracy), jitted as in big_vision.
+  All are compiled with the XLA options of ours (`xla_options`).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax.evaluators import ridge  # pylint: disable=g-import-not-at-top
+  from vit_jax import xla_options  # pylint: disable=g-import-not-at-top
+  from vit_jax.evaluators import fewshot  # pylint: disable=g-import-not-at-top
+  options = xla_options.for_backend()
   if name == "big_vision":
-    return (jax.jit(big_vision_cache, static_argnums=2),
-            jax.jit(big_vision_accuracy))
+    return (jax.jit(big_vision_cache, static_argnums=2,
+                    compiler_options=options),
+            jax.jit(big_vision_accuracy, compiler_options=options))
   if name == "eigh":
-    return jax.jit(jax.vmap(functools.partial(
-        _eigenvalues, num_classes=num_classes)))
-  fn = (functools.partial(ridge.evaluate, num_classes=num_classes, loo=loo)
-        if name == "ours" else
-        functools.partial(cholesky_accuracy, num_classes=num_classes))
-  return jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None, None)))
+    return fewshot.PerSeed(functools.partial(_eigenvalues,
+                                             num_classes=num_classes))
+  if name == "ours":
+    return fewshot.solver(num_classes, loo=loo)
+  fn = functools.partial(cholesky_accuracy, num_classes=num_classes)
+  return jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None, None)),
+                 compiler_options=options)
 
 
 def _eigenvalues(x_train, labels_train, *, num_classes):
@@ -339,7 +346,7 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
 
     def fit(n):
       idx = np.stack([rows[n, s] for s in range(seeds)])
-      return jax.device_get(ev(pool[idx], pool_y[idx], test, test_y, l2s))
+      return ev(pool[idx], pool_y[idx], test, test_y, l2s)
 
     return functools.partial(per_shot_count, fit)
 
@@ -347,7 +354,7 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
 
   def eigh_fit(n):
     idx = np.stack([rows[n, s] for s in range(seeds)])
-    return jax.device_get(eigenvalues(pool[idx], pool_y[idx]))
+    return eigenvalues(pool[idx], pool_y[idx])
 
   def ridge_classifier_fit(n):
     acc = np.zeros((seeds, len(l2s)))

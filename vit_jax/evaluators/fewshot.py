@@ -17,7 +17,8 @@ For each dataset `(name, source, train_split, test_split)` of the config:
    seed) serving every L2 value; argmax on the test split. The L2 value is
    chosen by exact leave-one-out on the few-shot training set (classification
    error, ties by squared error) over `l2_regs`; the paper's fixed L2 = 2^10
-   is reported beside it.
+   is reported beside it. On CPU the seeds are solved concurrently (see
+   `PerSeed`), elsewhere in one call vmapped over seeds.
 
 `run(params)` returns `{"<dataset>/<n>shot": mean accuracy with the
 leave-one-out L2, ..._std, ..._fixed_l2 (mean accuracy at the fixed L2),
@@ -26,14 +27,20 @@ per-seed results (what `python -m vit_jax.fewshot` writes to fewshot.json).
 Standard deviations are over seeds (ddof=1; 0 for a single seed).
 """
 
+import concurrent.futures
 import functools
 import math
+import os
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
+# jax's CPU LAPACK kernels are scipy's: importing scipy.linalg loads its BLAS
+# library, so that `threadpoolctl` finds it before the first eigh is compiled.
+import scipy.linalg  # pylint: disable=unused-import
+import threadpoolctl
 
 from vit_jax import data
 from vit_jax import sharding
@@ -90,12 +97,64 @@ def sample(labels, num_classes, shots, seeds):
   return rows, np.array([len(m) for m in members])
 
 
+def cpu_workers():
+  """The cores this process may run on."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+class PerSeed:
+  """`fn(x_train, labels_train, *shared)` of one seed, applied to every seed.
+
+  Called with x_train [S, N, D], labels_train [S, N] and the arguments that
+  every seed shares (test features, labels, L2 values); returns the outputs
+  of `fn` stacked over the S seeds, as numpy arrays.
+
+  On CPU every seed is a separate call of `fn` jitted, `workers` of them at
+  once (default: one per core, at most one per seed; with one worker the
+  seeds run one after another), and the BLAS/LAPACK libraries are
+  single-threaded while they run (process-wide, restored after). The symmetric eigendecomposition (LAPACK
+  `syevd`, much of it a memory-bound tridiagonal reduction) gains little
+  from a second thread, and in a call vmapped over seeds XLA runs the
+  eigendecompositions one after another; concurrent single-threaded calls
+  keep every core busy, each seed's eigendecomposition overlapping with
+  another seed's (or with its matrix products, which XLA spreads over all
+  cores). On other backends it is one call of `fn` vmapped over the seeds.
+  """
+
+  def __init__(self, fn, workers=None):
+    options = xla_options.for_backend()
+    self.one = jax.jit(fn, compiler_options=options)
+    self.batched = jax.jit(
+        jax.vmap(lambda x, y, shared: fn(x, y, *shared), in_axes=(0, 0, None)),
+        compiler_options=options)
+    self.workers = workers
+
+  def __call__(self, x_train, labels_train, *shared):
+    num_seeds = len(x_train)
+    if jax.default_backend() != "cpu":
+      return jax.device_get(self.batched(x_train, labels_train, shared))
+    workers = min(num_seeds, self.workers or cpu_workers())
+    shared = jax.device_put(shared)
+
+    def one(s):
+      return jax.device_get(self.one(x_train[s], labels_train[s], *shared))
+
+    if workers <= 1:
+      outs = [one(s) for s in range(num_seeds)]
+    else:
+      with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), \
+          concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        outs = list(pool.map(one, range(num_seeds)))
+    return jax.tree.map(lambda *a: np.stack(a), *outs)
+
+
 @functools.lru_cache(maxsize=None)
-def _ridge_fn(num_classes, eps, bias):
-  """Jitted ridge evaluation, vmapped over seeds (same N for every seed)."""
-  fn = functools.partial(ridge.evaluate, num_classes=num_classes, eps=eps,
-                         bias=bias)
-  return jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None, None)))
+def solver(num_classes, eps=1e-5, bias=1.0, loo=True):
+  """`ridge.evaluate` for every seed (a `PerSeed`; same N for every seed)."""
+  return PerSeed(functools.partial(ridge.evaluate, num_classes=num_classes,
+                                   eps=eps, bias=bias, loo=loo))
 
 
 def _std(x):
@@ -271,13 +330,13 @@ class Evaluator:
           params, name, train_src)
       x_test, y_test = self._cached(params, ("test", name), test_src,
                                     f"{name} test")
-      fn = _ridge_fn(int(train_src.num_classes), float(c.eps), float(c.bias))
+      fn = solver(int(train_src.num_classes), float(c.eps), float(c.bias))
       results[name] = {}
       for n in self.shots:
         r = rows[n]
         short = self._warn_short(name, n, counts)
-        out = jax.device_get(fn(x_pool[position[r]], pool_labels[r], x_test,
-                                y_test, self.l2s))
+        out = fn(x_pool[position[r]], pool_labels[r], x_test, y_test,
+                 self.l2s)
         seeds = np.arange(len(self.seeds))
         chosen = out["accuracy"][seeds, out["best"]]
         fixed = out["accuracy"][:, self.fixed_index]
