@@ -13,12 +13,12 @@ resumed run continues exactly where the interrupted one stopped.
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import gc
 import os
 import re
 import signal
-import threading
 import time
 
 import jax
@@ -132,30 +132,6 @@ class _Clock:
       line += (f", loaded {loaded} from the compilation cache in "
                f"{load_seconds:.1f} s")
     return line
-
-
-def _in_background(fn):
-  """Runs `fn()` in a thread; returns a function that waits for its result
-  (raising its exception). XLA compiles without the GIL, so two programs
-  compile at once on two cores."""
-  out = {}
-
-  def work():
-    try:
-      out["value"] = fn()
-    except BaseException as e:  # pylint: disable=broad-except
-      out["error"] = e
-
-  thread = threading.Thread(target=work, daemon=True)
-  thread.start()
-
-  def wait():
-    thread.join()
-    if "error" in out:
-      raise out["error"]
-    return out["value"]
-
-  return wait
 
 
 def _prepare_workdir(workdir):
@@ -422,13 +398,14 @@ def train_and_evaluate(config, workdir, devices=None):
       state = jax.jit(make_state, out_shardings=state_shardings)(params, rng)
       step_fn = compile_step()
     else:
-      # The initial state compiles in the background while the update step
-      # compiles here.
+      # The initial state compiles in a second thread while the update step
+      # compiles here: XLA compiles without the GIL, so on two cores at once.
       init_state = jax.jit(lambda rng: make_state(init_params(rng), rng),
                            out_shardings=state_shardings)
-      init_state = _in_background(init_state.lower(rng).compile)
-      step_fn = compile_step()
-      state = init_state()(rng)
+      with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        init_state = pool.submit(init_state.lower(rng).compile)
+        step_fn = compile_step()
+        state = init_state.result()(rng)
 
   # The resolved config, once the checkpoint (if any) is known to fit it.
   if jax.process_index() == 0:
