@@ -25,3 +25,12 @@ def define_output_flags(flag_values, repeats_help, default=3):
                        flag_values=flag_values)
   flags.DEFINE_bool("json", False, "Print the results as one JSON object on "
                     "stdout instead of the table.", flag_values=flag_values)
+
+
+def spread(values):
+  """{"median", "min", "max"} of measurements: how every benchmark reports
+  its repeated runs."""
+  ordered = sorted(float(v) for v in values)
+  n = len(ordered)
+  median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+  return {"median": median, "min": ordered[0], "max": ordered[-1]}

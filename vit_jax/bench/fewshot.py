@@ -274,12 +274,6 @@ def _eigenvalues(x_train, labels_train, *, num_classes):
   return e.eigs  # The other products are left out by the compiler.
 
 
-def _spread(values):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return dict(median=float(np.median(values)), min=float(np.min(values)),
-              max=float(np.max(values)))
-
-
 def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
         peers=tuple(PEERS)):
   """Few-shot ridge (ours) against its peers, same features and splits.
@@ -449,7 +443,7 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
                         fit_intercept=True)
         same_with_intercept += int(l2s[ours_sq[i, s]] == model.alpha_)
 
-  spread = {name: _spread(v) for name, v in times.items()}
+  spread = {name: bench.spread(v) for name, v in times.items()}
   med = {name: s["median"] for name, s in spread.items()}
   result = {
       "setup": dict(classes=k, dim=d, shots=shots, seeds=seeds,

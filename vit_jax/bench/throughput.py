@@ -98,13 +98,6 @@ def _rate(fn, steps, batch):
   return steps * batch / (time.perf_counter() - start)
 
 
-def _stats(rates):
-  ordered = sorted(rates)
-  n = len(ordered)
-  median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
-  return {"median": median, "min": ordered[0], "max": ordered[-1]}
-
-
 def _gemm_tflops(steps, repeats):
   """TFLOP/s of a jitted 2048^3 float32 matmul on one device (the best of
   `repeats` rounds: the practical peak, which other load only lowers)."""
@@ -115,7 +108,7 @@ def _gemm_tflops(steps, repeats):
   matmul = jax.jit(lambda a: a @ a)
   _block(matmul(a))
   rates = [_rate(lambda: matmul(a), steps, 1) for _ in range(repeats)]
-  return _stats(rates)["max"] * 2 * n**3 / 1e12
+  return max(rates) * 2 * n**3 / 1e12
 
 
 class _JaxContender:
@@ -248,7 +241,7 @@ def run(*, model, batch, image_size, dtype, steps, repeats, peers, ablate,
       for mode in ("train", "inference"):
         fn = c.train if mode == "train" else c.infer
         samples[name][mode].append(_rate(fn, steps, batch))
-  rates = {name: {mode: _stats(v) for mode, v in modes.items()}
+  rates = {name: {mode: bench.spread(v) for mode, v in modes.items()}
            for name, modes in samples.items()}
 
   kind = devices[0].device_kind
