@@ -229,16 +229,17 @@ class MultiHeadDotProductAttention(nn.Module):
     v = per_token(proj("value"), inputs_kv)
     scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
     use_dropout = self.dropout_rate > 0 and not deterministic
+    # The weights themselves are needed: returned, masked or dropped out.
+    uses_weights = need_weights or head_mask is not None or use_dropout
     bias = None
     if self.relative_grid is not None:
       bias = self._relative_bias(grid, inputs_q.shape[1]).astype(q.dtype)
-    impl = attention_impl(
-        self.impl, need_weights or head_mask is not None or use_dropout)
+    impl = attention_impl(self.impl, uses_weights)
     weights = None
     if impl == "einsum":
       # Heads before tokens: both products are plain batched matmuls.
       q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, T, D/H]
-      if not (need_weights or head_mask is not None or use_dropout):
+      if not uses_weights:
         y = attention_core(q, k, v, bias, scale)
       else:
         logits = _attention_logits(q, k, bias, scale)
