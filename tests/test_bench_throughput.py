@@ -17,7 +17,7 @@ from vit_jax.convert import timm as timm_lib
 def test_throughput_reports_rates_flops_and_peers(capsys):
   status = bench.main([
       "bench", "throughput", "--model=testing", "--batch=8",
-      "--image_size=32", "--steps=1", "--repeats=2", "--peers",
+      "--image_size=32", "--steps=1", "--repeats=1", "--peers",
       "--peak_tflops=1", "--json"])
   assert status == 0
   out = capsys.readouterr().out

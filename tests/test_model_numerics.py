@@ -143,6 +143,9 @@ def test_forward_matches_reference(model_a):
                                rtol=1e-4, atol=1e-5)
   encoded = ln(p["Transformer"]["encoder_norm"], x)
   np.testing.assert_allclose(out["encoded"], encoded, rtol=1e-4, atol=1e-4)
+  # The few-shot representation "patch_mean": the mean over patch tokens.
+  np.testing.assert_allclose(out["patch_mean"], encoded[:, 1:].mean(1),
+                             rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out["pre_logits"], encoded[:, 0], rtol=1e-4,
                              atol=1e-4)
   np.testing.assert_allclose(logits, dense(p["head"], encoded[:, 0]),
@@ -213,15 +216,33 @@ def test_scan_equals_per_block(model_a):
                                  atol=1e-6)
 
 
+def reference_logits_a(params, images):
+  """Model A's logits by the reference equations (float64)."""
+  p = to64(params)
+  tokens = patch_embed(p["embedding"], images.astype(np.float64), 8, 4)
+  cls = np.broadcast_to(p["cls"], (BATCH, 1, 16))
+  x = np.concatenate([cls, tokens.reshape(BATCH, 12, 16)], axis=1)
+  x = x + p["Transformer"]["posembed_input"]["pos_embedding"]
+  for i in range(2):
+    x, _ = block(p["Transformer"][f"encoderblock_{i}"], x)
+  encoded = ln(p["Transformer"]["encoder_norm"], x)
+  return dense(p["head"], encoded[:, 0])
+
+
 def test_bfloat16_compute_with_float32_params(model_a):
-  _, params, images, (logits, _) = model_a
+  _, params, images, _ = model_a
   model = models.create("testing", dtype="bfloat16", **A_CONFIG)
   bf_logits, out = apply_fn(model)({"params": params}, images)
   assert out["encoded"].dtype == jnp.bfloat16
   assert bf_logits.dtype == jnp.float32
   assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(params))
-  scale = np.abs(logits).max()
-  np.testing.assert_allclose(bf_logits, logits, atol=0.05 * scale)
+  # bfloat16 keeps 8 bits of mantissa: through two blocks the logits stay
+  # within 2% of the largest magnitude of the float64 reference (0.15% to
+  # 0.43% measured with three seeds).
+  want = reference_logits_a(params, images)
+  scale = np.abs(want).max()
+  assert scale > 0.1
+  np.testing.assert_allclose(bf_logits, want, atol=0.02 * scale)
 
 
 def test_options_against_reference():
