@@ -15,8 +15,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from vit_jax import config_utils
 from vit_jax import data
@@ -71,6 +69,8 @@ def _initial_params_and_model(config, workdir):
 
 
 def test_logged_loss_equals_hugging_face(run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
   config, workdir = run
   model, params = _initial_params_and_model(config, workdir)
   assert model.decoder and model.num_classes == 0
@@ -146,18 +146,37 @@ def test_reconstruction_evaluator(run):
       predict, mesh, dataset="digits", split="test", batch_size=120,
       image_size=(16, 16), mask_ratio=0.6, mask_unit=8)
   got = ev.run(params)
-  images = np.concatenate([b["image"] for b in data.eval_batches(
-      data.get_source("digits", "test"), 120, (16, 16))])
+
+  def split_images(split):
+    return np.concatenate([b["image"][b["mask"]] for b in data.eval_batches(
+        data.get_source("digits", split), 120, (16, 16))]).astype(np.float64)
+
+  images = split_images("test")
+  assert len(images) == 360
   mask, _ = ev.masks(params, np.arange(len(images), dtype=np.int32))
-  recon, _ = predict(params, images, bool_masked_pos=mask)
-  want = losses.masked_l1(images, recon, mask, 4)
-  np.testing.assert_allclose(got["masked_l1"], float(want), rtol=1e-4)
-  base = losses.masked_l1(
-      images, np.broadcast_to(ev.mean_image(), images.shape), mask, 4)
-  np.testing.assert_allclose(got["baseline_l1"], float(base), rtol=1e-4)
+  recon, _ = predict(params, images.astype(np.float32), bool_masked_pos=mask)
+  # HF's masked L1 in numpy: patch mask [N, 16] -> pixel mask [N, 16, 16, 1].
+  pixels = np.repeat(np.repeat(np.asarray(mask).reshape(-1, 4, 4), 4, 1), 4,
+                     2)[..., None]
+  assert pixels.sum() == 8 * 16 * len(images)  # 2 of 4 cells of 8x8 px.
+
+  def masked_l1(prediction):
+    return (np.abs(images - prediction) * pixels).sum() / pixels.sum()
+
+  np.testing.assert_allclose(
+      got["masked_l1"], masked_l1(np.asarray(recon, np.float64)), rtol=1e-4)
+  # The baseline predicts the mean image of the 1437 training images.
+  train_images = split_images("train")
+  assert len(train_images) == 1437
+  mean_image = train_images.mean(0)
+  np.testing.assert_allclose(got["baseline_l1"], masked_l1(mean_image),
+                             rtol=1e-4)
+  np.testing.assert_allclose(got["ratio_to_baseline"],
+                             got["masked_l1"] / got["baseline_l1"], rtol=1e-6)
 
 
 def test_convert_mim_workdir_to_hf(run, tmp_path, capsys):
+  transformers = pytest.importorskip("transformers")
   from vit_jax.convert import cli  # pylint: disable=g-import-not-at-top
   _, workdir = run
   out = tmp_path / "hf"
