@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -901,30 +902,83 @@ def test_batch_resampling_is_pil_bilinear_within_one_level():
       out[1], preprocess.crop_and_resize(mixed[1], (2, 3, 30, 40), (9, 9)))
 
 
-def test_train_batch_is_train_image_per_row():
+def _inception_box_by_hand(height, width, u, area, ratio=(3 / 4, 4 / 3)):
+  """The random resized crop of one image from its uniform numbers `u`.
+
+  Ten attempts (area fraction uniform in `area`, aspect ratio w / h
+  log-uniform in `ratio`, sides rounded); the first that fits is placed at
+  (floor(u[20] * (H - h + 1)), floor(u[21] * (W - w + 1))); none: the whole
+  image, centred, its ratio clipped.
+  """
+  for a in range(10):
+    target = height * width * (area[0] + (area[1] - area[0]) * u[2 * a])
+    r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(
+        ratio[0])) * u[2 * a + 1])
+    w, h = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+    if 0 < w <= width and 0 < h <= height:
+      return (math.floor(u[20] * (height - h + 1)),
+              math.floor(u[21] * (width - w + 1)), h, w)
+  h, w = height, width
+  if width / height < ratio[0]:
+    h = max(1, round(width / ratio[0]))
+  if width / height > ratio[1]:
+    w = max(1, round(height * ratio[1]))
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _pil_crop_resize(image, box, size):
+  top, left, h, w = box
+  return np.asarray(PIL.Image.fromarray(image).resize(
+      size[::-1], PIL.Image.BILINEAR, box=(left, top, left + w, top + h)))
+
+
+def test_train_and_eval_batch_by_hand():
+  """Each row: the crop from its numbers, PIL's bilinear resize (within one
+  level of 255), the flip when u[-1] < 0.5, (x - 127.5) / 127.5."""
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (5, 12, 10, 3), np.uint8)
-  u = rng.random((5, preprocess.RANDOMS_PER_IMAGE))
+  images = rng.integers(0, 256, (6, 12, 10, 3), np.uint8)
+  u = rng.random((6, preprocess.RANDOMS_PER_IMAGE))
+  # Image 5: every attempt asks for 99.9% of the area at a ratio of 3/4,
+  # 9x13 pixels, which does not fit: the fallback, the whole image.
+  u[5, :20:2], u[5, 1:20:2] = 0.999, 0.0
   options = dict(image_size=(6, 4), crop_area=(0.3, 1.0), flip=True)
   batch = preprocess.train_batch(images, u, **options)
-
-  class Row:  # A generator whose numbers are row i of u.
-
-    def __init__(self, row):
-      self.row = row
-
-    def random(self, shape):
-      return self.row.reshape(shape)
-
-  for i in range(5):
-    np.testing.assert_array_equal(
-        batch[i], preprocess.train_image(images[i], Row(u[i]), **options))
+  level = 1 / 127.5 + 1e-6
+  boxes, flips = set(), set()
+  for i in range(6):
+    box = _inception_box_by_hand(12, 10, u[i], (0.3, 1.0))
+    boxes.add(box)
+    want = _pil_crop_resize(images[i], box, (6, 4)).astype(np.float64)
+    if u[i, -1] < 0.5:
+      want = want[:, ::-1]
+    flips.add(bool(u[i, -1] < 0.5))
+    np.testing.assert_allclose(batch[i], (want - 127.5) / 127.5, rtol=0,
+                               atol=level, err_msg=f"image {i}")
+  assert len(boxes) == 6 and flips == {True, False}
+  assert _inception_box_by_hand(12, 10, u[5], (0.3, 1.0)) == (0, 0, 12, 10)
+  # One image with the same numbers gives the same pixels.
+  np.testing.assert_array_equal(
+      preprocess.train_image(images[2], _Row(u[2]), **options), batch[2])
   # An image's crop and flip depend on its own row of numbers only.
   np.testing.assert_array_equal(
       preprocess.train_batch(images[3:], u[3:], **options), batch[3:])
-  np.testing.assert_array_equal(
-      preprocess.eval_batch(images, (6, 4)),
-      np.stack([preprocess.eval_image(image, (6, 4)) for image in images]))
+  # Evaluation: the largest central box of the target's aspect ratio, 12x8
+  # of 12x10 for 6x4, at (0, 1).
+  out = preprocess.eval_batch(images, (6, 4))
+  for i in range(6):
+    want = _pil_crop_resize(images[i], (0, 1, 12, 8), (6, 4))
+    np.testing.assert_allclose(out[i], (want - 127.5) / 127.5, rtol=0,
+                               atol=level)
+
+
+class _Row:
+  """A generator whose numbers are one given row."""
+
+  def __init__(self, row):
+    self.row = row
+
+  def random(self, shape):
+    return self.row.reshape(shape)
 
 
 def test_loader_reads_folders_in_threads_with_the_same_batches(tmp_path):
