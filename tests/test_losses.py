@@ -1,11 +1,23 @@
-"""Tests for vit_jax.losses and vit_jax.masking."""
+"""Tests for vit_jax.losses, the classification task's loss, vit_jax.masking."""
+
+import os
+import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from vit_jax import data
 from vit_jax import losses
 from vit_jax import masking
+from vit_jax import metrics
+from vit_jax import models
+from vit_jax import tasks
+from vit_jax import train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sharding import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _log_softmax(x):
@@ -31,6 +43,84 @@ def test_sigmoid_xent_by_hand():
   nll = -(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum(-1)
   np.testing.assert_allclose(losses.sigmoid_xent(logits, labels), nll.mean(),
                              rtol=1e-6)
+
+
+def _task_config(loss, smoothing):
+  return ml_collections.ConfigDict(dict(
+      task="classification", loss=loss, label_smoothing=smoothing,
+      model=dict(num_classes=None)))
+
+
+@pytest.fixture(scope="module")
+def model_batch_logits():
+  """A tiny 10-class model with random parameters (the head too), a batch
+  of digits and its logits."""
+  model = models.create("testing", image_size=8, patch_size=4,
+                        num_channels=1, num_classes=10)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: rng.normal(scale=0.5, size=s.shape).astype(np.float32),
+      shapes["params"])
+  batch = next(iter(data.eval_batches(data.get_source("digits", "test"), 8,
+                                      (8, 8))))
+  batch = {"image": batch["image"], "label": batch["label"]}
+  logits, _ = model.apply({"params": params}, batch["image"], train=False)
+  logits = np.asarray(logits, np.float64)
+  assert logits.std() > 0.5 and len(set(batch["label"].tolist())) > 4
+  return model, params, batch, logits
+
+
+def _task_loss(model, params, batch, loss, smoothing):
+  task = tasks.create(_task_config(loss, smoothing),
+                      data.get_source("digits", "train"))
+  assert task.num_classes == 10
+  rngs = {"dropout": jax.random.PRNGKey(1), "step": jax.random.PRNGKey(2)}
+  value, aux = task.loss(model, params, batch, rngs)
+  assert aux == {}
+  return float(value)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_classification_softmax_loss_with_label_smoothing_by_hand(
+    model_batch_logits, smoothing):
+  model, params, batch, logits = model_batch_logits
+  k = 10
+  # Smoothed targets: 1 - s + s / K on the label, s / K elsewhere.
+  targets = np.full((8, k), smoothing / k)
+  targets[np.arange(8), batch["label"]] += 1 - smoothing
+  want = -(targets * _log_softmax(logits)).sum(-1).mean()
+  np.testing.assert_allclose(
+      _task_loss(model, params, batch, "softmax_xent", smoothing), want,
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_classification_sigmoid_loss_by_hand(model_batch_logits, smoothing):
+  model, params, batch, logits = model_batch_logits
+  k = 10
+  targets = np.full((8, k), smoothing / k)
+  targets[np.arange(8), batch["label"]] += 1 - smoothing
+  p = 1 / (1 + np.exp(-logits))
+  # Per-class binary cross-entropy, summed over the 10 classes.
+  want = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).sum(-1).mean()
+  np.testing.assert_allclose(
+      _task_loss(model, params, batch, "sigmoid_xent", smoothing), want,
+      rtol=1e-5)
+
+
+def test_sigmoid_xent_through_the_training_loop(tmp_path):
+  """--config.loss=sigmoid_xent reaches the loss: with the zero-initialised
+  head every logit of step 1 is 0, so the loss is 10 log 2 (softmax: log 10)."""
+  config = tiny_config(loss="sigmoid_xent", total_steps=1,
+                       mesh=(("data", 1), ("model", 1)))
+  config.optim.warmup_steps = 0
+  config.evals.eval.every = -1
+  train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  rows = [r for r in metrics.read_jsonl(str(tmp_path)) if "train/loss" in r]
+  assert len(rows) == 1
+  np.testing.assert_allclose(rows[0]["train/loss"], 10 * np.log(2), rtol=1e-5)
 
 
 def test_mse_regression_head_shape():
