@@ -39,17 +39,25 @@ def test_fewshot_bench_agrees_with_sklearn(capsys):
     assert list(result[key]) == peers
     assert all(math.isfinite(v) and v > 0 for v in result[key].values())
   assert result["speedup"] == result["speedups"]["ridge_classifier"]
-  # RidgeCV solves our problem: it picks our L2 of least LOO squared error.
-  assert result["same_l2"] == {"ridgecv_eigen": 2, "ridgecv_svd": 2}
+  # RidgeCV solves our problem: it picks our L2 of least LOO squared error
+  # (in float64 against our float32: wherever the best two are further apart
+  # than float32 round-off).
   assert result["same_l2_fits"] == 2
+  assert set(result["same_l2"]) == {"ridgecv_eigen", "ridgecv_svd"}
   assert 0 <= result["same_l2_with_intercept"] <= 2
-  for p in ("ridgecv_eigen", "ridgecv_svd"):
-    assert result["ridgecv_l2_per_shots"][p] == result["loo_sq_l2_per_shots"]
+  assert result["loo_sq_margin"] > 0
+  if result["loo_sq_margin"] > 1e-3:
+    assert result["same_l2"] == {"ridgecv_eigen": 2, "ridgecv_svd": 2}
+    for p in ("ridgecv_eigen", "ridgecv_svd"):
+      assert (result["ridgecv_l2_per_shots"][p]
+              == result["loo_sq_l2_per_shots"])
   assert list(result["agreement"]) == peers
   assert result["accuracies_agree"]
-  # Same design and targets: same test accuracy for every (shots, seed, l2).
+  # Same design and targets: the same test accuracy for every (shots, seed,
+  # l2) up to a near-tie of one test example (float32 against float64).
   for p in ("cholesky", "big_vision"):
-    assert result["agreement"][p]["fits_that_differ"] == 0
+    assert result["agreement"][p]["max_difference_in_test_examples"] <= 1
+    assert result["agreement"][p]["fits"] == 2 * 3
   assert set(result["loo_l2_per_shots"]) == {"5"}
   assert len(result["loo_l2_per_shots"]["5"]) == 2
 
@@ -75,7 +83,12 @@ def test_loo_squared_error_choice_is_ridgecv_alpha(shots):
   l2s = np.array([2.0**e for e in range(-4, 9, 2)], np.float32)
   out = jax.jit(functools.partial(ridge.evaluate, num_classes=k))(
       x, labels, x_test, test_labels, l2s)
-  ours = int(np.argmin(out["loo_sq_error"]))
+  sq = np.asarray(out["loo_sq_error"])
+  ours = int(np.argmin(sq))
+  second = np.sort(sq)[1]
+  # The best two are further apart than float32 round-off: float64 RidgeCV
+  # must choose the same.
+  assert (second - sq[ours]) / sq[ours] > 1e-3
   xw, _ = fewshot.whitened(x, x_test, bias=1.0)
   for mode in ("eigen", "svd"):
     assert fewshot.ridgecv(xw, labels, l2s, k, mode).alpha_ == l2s[ours]

@@ -286,7 +286,10 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
     median; against ours without LOO in "speedups_no_loo"; "speedup" and
     "speedup_no_loo" are those of ridge_classifier); "same_l2" (per RidgeCV
     peer, for how many of the "same_l2_fits" (shots, seed) its alpha_ is our
-    L2 of least LOO squared error) and "same_l2_with_intercept" (the same
+    L2 of least LOO squared error; "loo_sq_margin" is the smallest relative
+    gap between our least and second-least LOO squared errors, under which
+    a float64 solver may rightly choose the other) and
+    "same_l2_with_intercept" (the same
     count for RidgeCV(eigen, fit_intercept=True), untimed); "agreement" of
     the test accuracies per peer and "accuracies_agree"; the chosen L2
     values. Raises ValueError for bad input.
@@ -410,6 +413,13 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
   ours_sq = np.stack([np.argmin(ours[n]["loo_sq_error"], axis=-1)
                       for n in shots])  # [S, seeds]
   ours_best = np.stack([ours[n]["best"] for n in shots])
+  # How far apart our least and second-least LOO squared errors are
+  # (relative, the smallest over fits): below float32 round-off a solver in
+  # float64 may rightly pick the other one.
+  sq_sorted = np.sort(np.stack([ours[n]["loo_sq_error"] for n in shots]), -1)
+  sq_margin = (float(np.min((sq_sorted[..., 1] - sq_sorted[..., 0])
+                            / sq_sorted[..., 0]))
+               if sq_sorted.shape[-1] > 1 else float("inf"))
   num_test = len(test_y)
   agreement, same_l2, ridgecv_l2 = {}, {}, {}
 
@@ -466,6 +476,7 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
       "same_l2": same_l2,
       "same_l2_fits": len(shots) * seeds,
       "same_l2_with_intercept": same_with_intercept,
+      "loo_sq_margin": sq_margin,
       "agreement": agreement,
       # Float32 against float64 solvers: a near-tie may flip one example.
       # big_vision is left out: its float32 eigendecomposition with a bias

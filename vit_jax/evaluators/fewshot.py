@@ -114,7 +114,11 @@ class PerSeed:
   On CPU every seed is a separate call of `fn` jitted, `workers` of them at
   once (default: one per core, at most one per seed; with one worker the
   seeds run one after another), and the BLAS/LAPACK libraries are
-  single-threaded while they run (process-wide, restored after). The symmetric eigendecomposition (LAPACK
+  single-threaded while they run (process-wide, restored after), with any
+  number of workers: a seed's result is then the same, bit for bit, whether
+  the seeds run one after another or concurrently (LAPACK's blocked
+  reductions sum in another order with another thread count, which moves
+  the last bits). The symmetric eigendecomposition (LAPACK
   `syevd`, much of it a memory-bound tridiagonal reduction) gains little
   from a second thread, and in a call vmapped over seeds XLA runs the
   eigendecompositions one after another; concurrent single-threaded calls
@@ -141,12 +145,12 @@ class PerSeed:
     def one(s):
       return jax.device_get(self.one(x_train[s], labels_train[s], *shared))
 
-    if workers <= 1:
-      outs = [one(s) for s in range(num_seeds)]
-    else:
-      with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), \
-          concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        outs = list(pool.map(one, range(num_seeds)))
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+      if workers <= 1:
+        outs = [one(s) for s in range(num_seeds)]
+      else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+          outs = list(pool.map(one, range(num_seeds)))
     return jax.tree.map(lambda *a: np.stack(a), *outs)
 
 
