@@ -2,9 +2,19 @@
 
 import os
 
+# The simulated devices of one process are threads that meet at every
+# collective. XLA aborts the whole process (SIGABRT) when one of them is
+# more than 20 + 20 s late, which happens on a loaded 2-core machine while
+# another test's threads run; wait up to 2 + 30 minutes instead (a stuck
+# collective still ends the run, at pytest's own limits).
+COLLECTIVE_TIMEOUTS = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_collective_call" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + COLLECTIVE_TIMEOUTS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -24,6 +24,7 @@ from vit_jax import metrics
 from vit_jax import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_sharding import losses, tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,8 @@ TINY = [
 
 def _env(devices, cache_dir=None, **extra):
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + conftest.COLLECTIVE_TIMEOUTS,
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
   if cache_dir:  # Runs of the same config compile once.
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
