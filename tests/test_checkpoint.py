@@ -234,3 +234,37 @@ def test_restore_onto_another_mesh(tmp_path):
       np.testing.assert_array_equal(np.asarray(restored["params"][k]),
                                     params[k])
   mngr.close()
+
+
+def _checksum_by_hand(x):
+  """The checkpoint checksum in numpy: bit patterns as uint32, times the
+  odd weights 2 i + 0x9E3779B1 of their flat positions, summed mod 2^32."""
+  x = np.asarray(x)
+  words = x.view(f"uint{8 * x.itemsize}").astype(np.uint64).ravel()
+  weights = (2 * np.arange(words.size, dtype=np.uint64) + 0x9E3779B1)
+  return int(np.sum((words * weights) % 2**32) % 2**32)
+
+
+def test_checksums_do_not_depend_on_the_mesh_and_see_one_bit(tmp_path):
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(64, 8)).astype(np.float32),
+          "b": rng.normal(size=(8,)).astype(jnp.bfloat16),
+          "step": np.int32(7), "rng": np.array([3, 4], np.uint32)}
+  expected = {k: _checksum_by_hand(v) for k, v in tree.items()}
+  mesh8 = sharding.make_mesh((("data", 8), ("model", 1)))
+  sharded = jax.tree.map(lambda x, s: jax.device_put(x, s), tree,
+                         sharding.tree_shardings(tree, mesh8, fsdp_min_size=8))
+  assert sharded["w"].sharding.spec == jax.sharding.PartitionSpec("data", None)
+  one = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), tree)
+  assert checkpoint.checksums(sharded) == checkpoint.checksums(one) == expected
+  # Any single flipped bit of any array changes that array's checksum.
+  for key in ("w", "b"):
+    for position, bit in ((0, 0), (37 % tree[key].size, 13)):
+      flipped = dict(tree)
+      words = np.array(tree[key]).view(f"uint{8 * tree[key].itemsize}")
+      words.ravel()[position] ^= 1 << bit
+      flipped[key] = words.view(tree[key].dtype)
+      sums = checkpoint.checksums(flipped)
+      assert sums[key] != expected[key]
+      assert {k: v for k, v in sums.items() if k != key} == {
+          k: v for k, v in expected.items() if k != key}

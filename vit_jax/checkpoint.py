@@ -19,13 +19,15 @@ Fine-tuning from a masked-image-modeling (SimMIM) run drops its decoder and
 mask token explicitly (`split_unused`).
 """
 
-import json
+import contextlib
 import logging
 import os
 import re
 import shutil
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -46,81 +48,260 @@ def _first_line(e):
   return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+class Damaged(Exception):
+  """A checkpoint that cannot be used as it is on disk."""
+
+
+def _leaf_name(path):
+  """`a/b/0/c` for a key path of any pytree (dicts, lists, named tuples)."""
+  return "/".join(str(getattr(e, "key", getattr(e, "idx", getattr(
+      e, "name", e)))) for e in path)
+
+
+def _leaves(tree):
+  """{name: (shape, dtype)} of a tree of arrays, shape structs or orbax
+  array metadata."""
+  return {_leaf_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _bits(x):
+  """uint32 words of `x` (any dtype up to 32 bits): its bit pattern."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if x.dtype.itemsize > 4:
+    raise ValueError(f"cannot checksum {x.dtype} arrays")
+  unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  if x.dtype != unsigned:
+    x = jax.lax.bitcast_convert_type(x, unsigned)
+  return x.astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree):
+  """A uint32 checksum per array: sum of its bit patterns times odd weights
+  that depend on the position, mod 2^32.
+
+  Integer sums wrap the same way in any order, so the value does not depend
+  on the mesh, the sharding or the device count; any single flipped bit
+  changes it (an odd weight is invertible mod 2^32).
+  """
+  def one(x):
+    words = _bits(x)
+    weights = jnp.arange(words.size, dtype=jnp.uint32).reshape(
+        words.shape) * jnp.uint32(2) + jnp.uint32(0x9E3779B1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+  return jax.tree.map(one, tree)
+
+
+def checksums(state):
+  """{leaf name: checksum} of a tree of (possibly sharded) jax arrays."""
+  out = _checksums(state)
+  return {_leaf_name(path): int(np.asarray(leaf.addressable_data(0)))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]}
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax's absl warnings (read-only managers, an item directory without
+  step metadata) are expected here and not shown."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, logging.ERROR))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+class _OrbaxFailuresToDebug(logging.Filter):
+  """Orbax reports a failed background save (a full disk, say) from each of
+  its threads: absl errors with tracebacks, and asyncio's "Task exception
+  was never retrieved" for every array. The Manager raises one Error naming
+  the cause instead; these records go to the debug level."""
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR:
+      return True
+    if record.name == "asyncio":
+      failed = "orbax" in record.getMessage()
+    else:
+      failed = f"{os.sep}orbax{os.sep}" in record.pathname
+    if not failed:
+      return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _unraisable_hook(previous):
+  """sys.unraisablehook without the reports of tensorstore's callbacks into
+  the event loops orbax has closed after a failed save ("Event loop is
+  closed"); everything else goes to `previous`."""
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiets_orbax = True
+  return hook
+
+
+def _quiet_orbax_failures():
+  """Installs the two filters above, once per process."""
+  if getattr(sys.unraisablehook, "quiets_orbax", False):
+    return
+  sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+  quiet = _OrbaxFailuresToDebug()
+  logging.getLogger("absl").addFilter(quiet)
+  logging.getLogger("asyncio").addFilter(quiet)
+
+
+def _item_handlers(state_handler=ocp.StandardCheckpointHandler):
+  return {"state": state_handler(), "data": ocp.JsonCheckpointHandler()}
+
+
+def _read_only_manager(directory):
+  """An orbax manager that lists the checkpoints of `directory` and reads
+  their state as numpy arrays."""
+  with _quiet_absl():
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler))
+
+
 class Manager:
-  """Saves and restores training state in DIR/checkpoints."""
+  """Saves and restores training state in DIR/checkpoints.
+
+  Each checkpoint carries a checksum of every array it holds (in its `data`
+  item, beside the data iterator state), which `restore_latest` verifies.
+  """
 
   def __init__(self, workdir, max_to_keep=3, log=print):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._corrupt_dir = os.path.abspath(
         os.path.join(workdir, "corrupt_checkpoints"))
     self._log = log
+    self._last_saved = None
+    _quiet_orbax_failures()
     self._mngr = ocp.CheckpointManager(
         self.directory,
+        # A write cut short by a kill leaves orbax's temporary directory;
+        # one process owns the workdir (WorkdirLock), so it goes at start.
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=True),
-        item_names=("state", "data"))
+            enable_async_checkpointing=True, cleanup_tmp_directories=True),
+        item_handlers=_item_handlers())
 
   def all_steps(self):
     return list(self._mngr.all_steps())
 
+  def _write_error(self, step, error):
+    """The one-line Error for a checkpoint that could not be written."""
+    kept = self._mngr.latest_step()
+    if kept is not None and kept == step:
+      kept = max((s for s in self._mngr.all_steps() if s != step),
+                 default=None)
+    intact = (f"the checkpoint at step {kept} is intact" if kept is not None
+              else "no earlier checkpoint exists")
+    return errors.Error(
+        f"cannot write the checkpoint at step {step} to {self.directory} "
+        f"({_first_line(error)}); {intact}: free space on that disk or pass "
+        "another --workdir")
+
   def save(self, step, state, data_state):
-    """Starts an asynchronous save of `state` (pytree) and `data_state`."""
-    self._mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state)), force=True)
+    """Starts an asynchronous save of `state` (pytree) and `data_state`
+    (JSON-able dict), with the checksums of `state`'s arrays."""
+    data_state = dict(data_state, checksums=checksums(state))
+    try:
+      self._mngr.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      # An earlier asynchronous save may be the one that failed.
+      raise self._write_error(self._last_saved or step, e) from None
+    self._last_saved = int(step)
 
   def wait(self):
     """Blocks until pending saves are durable on disk."""
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._last_saved, e) from None
 
   def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
-  def restore_latest(self, abstract_state):
-    """Restores the newest readable checkpoint.
+  def restore_latest(self, abstract_state, check_data=None, fresh_start=False):
+    """Restores the newest checkpoint that reads back whole.
 
-    A checkpoint that cannot be read is moved to DIR/corrupt_checkpoints
-    (nothing is deleted) and the previous one is tried.
+    A checkpoint whose structure differs from `abstract_state` (another
+    model, optimizer or EMA setting) is an Error naming what differs, and
+    nothing is moved. A damaged one (unreadable metadata or arrays, a
+    checksum that does not match, a data state that `check_data` refuses
+    with anything but an Error) is moved to DIR/corrupt_checkpoints (nothing
+    is deleted), and the previous one is tried.
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with shardings.
+      check_data: optional callable(data_state) that raises for a data
+        state it cannot use (errors.Error: incompatible; else damaged).
+      fresh_start: with no usable checkpoint left where damaged ones were
+        found (now or by an earlier run), return None instead of raising.
 
     Returns:
       (step, state, data_state), or None when there is no checkpoint.
     """
-    expected = {k: tuple(v.shape) for k, v in flatten(
-        abstract_state["params"]).items()}
+    expected = _leaves(abstract_state)
+    problems = []
     for step in sorted(self._mngr.all_steps(), reverse=True):
       try:
-        stored = self._param_shapes(step)
+        with _quiet_absl():
+          stored = _leaves(self._mngr.metadata(step).item_metadata[
+              "state"].tree)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        problems.append(self._set_aside(step, e))
         continue
       _check_compatible(stored, expected, step, self.directory)
       try:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
+        with _quiet_absl():
+          restored = self._mngr.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore()))
+        state, data_state = restored["state"], dict(restored["data"])
+        _verify(state, data_state.pop("checksums", None))
+        if check_data is not None:
+          check_data(data_state)
+      except errors.Error:
+        raise
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        problems.append(self._set_aside(step, e))
         continue
-      return step, restored["state"], restored["data"]
+      return step, state, data_state
+    set_aside = (sorted(os.listdir(self._corrupt_dir))
+                 if os.path.isdir(self._corrupt_dir) else [])
+    if set_aside and not fresh_start:
+      found = "; ".join(problems) if problems else (
+          "earlier runs set aside step(s) " + ", ".join(set_aside))
+      raise errors.Error(
+          f"no usable checkpoint is left in {self.directory} ({found}; "
+          f"damaged ones are in {self._corrupt_dir}): pass "
+          "--config.fresh_start=True to train from step 0 in this workdir, "
+          "or pass a new --workdir")
     return None
 
-  def _param_shapes(self, step):
-    """{path: shape} of the parameters stored at `step` (metadata only)."""
-    _check_files(os.path.join(self.directory, str(step)))
-    path = os.path.join(self.directory, str(step), "state")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      tree = checkpointer.metadata(path).item_metadata.tree
-    return {k: tuple(v.shape) for k, v in flatten(tree["params"]).items()}
-
   def _set_aside(self, step, error):
-    """Moves an unreadable checkpoint out of the manager's directory."""
+    """Moves a damaged checkpoint out of the manager's directory; returns
+    what was wrong, in a few words."""
     dest = os.path.join(self._corrupt_dir, str(step))
-    self._log(f"checkpoint at step {step} is unreadable ({_first_line(error)})"
+    problem = f"step {step}: {_first_line(error)}"
+    self._log(f"checkpoint at step {step} is damaged ({_first_line(error)})"
               f"; moved it to {dest} and falling back to the previous one")
     if jax.process_index() == 0:
       os.makedirs(self._corrupt_dir, exist_ok=True)
@@ -131,57 +312,78 @@ class Manager:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._mngr.reload()
+    return problem
 
 
-def _check_files(step_dir):
-  """Cheap structural checks of a step directory before tensorstore reads."""
-  state = os.path.join(step_dir, "state")
-  with open(os.path.join(state, "_METADATA")) as f:
-    json.load(f)
-  for name in os.listdir(os.path.join(step_dir, "data")):
-    if name.endswith(".json") or "." not in name:
-      path = os.path.join(step_dir, "data", name)
-      if os.path.isfile(path):
-        with open(path) as f:
-          json.load(f)
-  with open(os.path.join(state, "_METADATA")) as f:
-    if json.load(f).get("use_ocdbt", True):
-      manifest = os.path.join(state, "manifest.ocdbt")
-      if not os.path.isfile(manifest) or not os.path.getsize(manifest):
-        raise FileNotFoundError(f"{manifest} is missing or empty")
+def _verify(state, expected):
+  """Raises Damaged when the arrays' checksums differ from the stored ones
+  (checkpoints written before checksums were kept are not verified)."""
+  if expected is None:
+    return
+  actual = checksums(state)
+  wrong = sorted(k for k in set(actual) | set(expected)
+                 if actual.get(k) != expected.get(k))
+  if wrong:
+    raise Damaged(f"checksum mismatch in {len(wrong)} array(s): "
+                  + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""))
 
 
 def _check_compatible(stored, expected, step, directory):
-  """A readable checkpoint written by another model config is an error."""
+  """A readable checkpoint of another structure is an Error naming what
+  differs (model, optimizer, EMA) and the fix.
+
+  The optimizer state and the EMA follow the parameters' shapes: they are
+  named only where the parameters agree.
+  """
   if stored == expected:
     return
-  diffs = [f"{k}: checkpoint {stored.get(k)}, model {expected.get(k)}"
-           for k in sorted(set(stored) | set(expected))
-           if stored.get(k) != expected.get(k)]
+
+  def part(tree, name):
+    return {k: v for k, v in tree.items() if k.split("/")[0] == name}
+
+  def differ(name):
+    return part(stored, name) != part(expected, name)
+
+  s_ema, e_ema = part(stored, "ema"), part(expected, "ema")
+  if differ("params"):
+    s, e = part(stored, "params"), part(expected, "params")
+    shown = [f"{k[len('params/'):]} {s[k][0] if k in s else 'absent'} vs "
+             f"{e[k][0] if k in e else 'absent'}"
+             for k in sorted(set(s) | set(e)) if s.get(k) != e.get(k)]
+    what, detail, fix = "model", (
+        f"{len(shown)} parameter(s) differ, checkpoint vs model: "
+        + ", ".join(shown[:3]) + (" ..." if len(shown) > 3 else "")), (
+            "--config.model_name, --config.model.*, the image size and the "
+            "classes")
+  elif bool(s_ema) != bool(e_ema):
+    what, detail, fix = "EMA", (
+        f"the checkpoint {'has' if s_ema else 'has no'} EMA parameters, this "
+        f"config {'keeps' if e_ema else 'keeps none'}"), "--config.optim.ema_decay"
+  elif differ("opt_state"):
+    what, detail, fix = "optimizer", (
+        f"its optimizer state has {len(part(stored, 'opt_state'))} arrays, "
+        f"this config's {len(part(expected, 'opt_state'))}"), (
+            "--config.optim.name and its options")
+  else:
+    names = sorted(k for k in set(stored) | set(expected)
+                   if stored.get(k) != expected.get(k))
+    what, detail, fix = "state", "differs in " + ", ".join(names[:3]), (
+        "the config")
   raise errors.Error(
       f"the checkpoint at step {step} in {directory} was written with another "
-      f"model config ({'; '.join(diffs[:3])}"
-      f"{' ...' if len(diffs) > 3 else ''}): resume with the config it was "
-      "trained with, or pass a new --workdir")
+      f"{what} config ({detail}): resume with the {fix} it was trained with, "
+      "or pass a new --workdir")
 
 
-def _restore_numpy(step_dir):
+def _restore_numpy(mngr, step):
   """Reads a checkpoint's state item as numpy arrays (no mesh needed)."""
-  path = os.path.join(step_dir, "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  # The step's _CHECKPOINT_METADATA is one level up, in the step directory;
-  # orbax warns that the item directory has none, which is expected here.
-  absl_logger = logging.getLogger("absl")
-  level = absl_logger.level
-  absl_logger.setLevel(max(level, logging.ERROR))
-  try:
-    meta = checkpointer.metadata(path).item_metadata.tree
-  finally:
-    absl_logger.setLevel(level)
-  restore_args = jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  return checkpointer.restore(
-      path, args=ocp.args.PyTreeRestore(item=meta, restore_args=restore_args))
+  with _quiet_absl():
+    meta = mngr.metadata(step).item_metadata["state"].tree
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    return mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=meta, restore_args=restore_args)))[
+            "state"]
 
 
 def latest_params(workdir, use_ema=False):
@@ -195,18 +397,19 @@ def latest_params(workdir, use_ema=False):
     (params, config): a nested dict of numpy arrays in the layout it was
     trained in, and the resolved ConfigDict from DIR/config.json.
   """
+  workdir = os.path.abspath(workdir)
   config = config_utils.load_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = []
   if os.path.isdir(ckpt_dir):
-    steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()),
-                   reverse=True)
+    mngr = _read_only_manager(ckpt_dir)
+    steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     raise errors.Error(f"no checkpoint in {ckpt_dir}: train first")
   problems = []
   for step in steps:
     try:
-      state = _restore_numpy(os.path.join(ckpt_dir, str(step)))
+      state = _restore_numpy(mngr, step)
     except Exception as e:  # pylint: disable=broad-except
       problems.append(f"step {step}: {_first_line(e)}")
       continue

@@ -249,6 +249,9 @@ def default_config():
   c.log_steps = 50
   c.checkpoint_steps = 500
   c.max_to_keep = 3
+  # With no usable checkpoint left in the workdir where damaged ones were
+  # set aside: train from step 0 (True) or stop with an error (False).
+  c.fresh_start = False
   c.progress = True  # tqdm progress bar on process 0.
 
   # Evaluators (vit_jax/evaluators/): name -> {type, every, fields}. Metrics
@@ -267,9 +270,16 @@ def default_config():
   return c
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(config, field, example, *, integer=False, minimum=None,
-            above=None, below=None, maximum=None, optional=False):
-  """One field checked: a finite number in range, else a one-line Error."""
+            above=None, below=None, maximum=None, optional=False,
+            float32=False):
+  """One field checked: a finite number in range, else a one-line Error.
+
+  `float32`: the value is used in float32 and must be finite there too.
+  """
   value = config
   for part in field.split("."):
     value = value.get(part) if hasattr(value, "get") else None
@@ -281,6 +291,7 @@ def _number(config, field, example, *, integer=False, minimum=None,
   bad = isinstance(value, bool) or not isinstance(value, (int, float))
   if not bad:
     bad = (not math.isfinite(value) or
+           (float32 and abs(value) > _FLOAT32_MAX) or
            (integer and float(value) != int(value)) or
            (minimum is not None and value < minimum) or
            (above is not None and value <= above) or
@@ -290,7 +301,9 @@ def _number(config, field, example, *, integer=False, minimum=None,
     rules = [r for r, v in ((f">= {minimum}", minimum), (f"> {above}", above),
                             (f"< {below}", below), (f"<= {maximum}", maximum))
              if v is not None]
-    kind = "an integer" if integer else "a finite number"
+    kind = "an integer" if integer else (
+        "a number finite in float32 (below 3.4e38)" if float32
+        else "a finite number")
     raise Error(f"--config.{field}={value!r} is invalid: it must be {kind}"
                 f"{' ' if rules else ''}{' and '.join(rules)}, e.g. "
                 f"--config.{field}={example}")
@@ -314,8 +327,9 @@ def validate(config):
     _number(config, field, 100, integer=True, minimum=0)
   _number(config, "max_to_keep", 3, integer=True, minimum=1)
   _number(config, "label_smoothing", 0.1, minimum=0, below=1, optional=True)
-  _number(config, "optim.lr", 0.001, above=0)
-  _number(config, "optim.end_lr", 0.0, minimum=0, optional=True)
+  _number(config, "optim.lr", 0.001, above=0, float32=True)
+  _number(config, "optim.end_lr", 0.0, minimum=0, optional=True,
+          float32=True)
   _number(config, "optim.warmup_steps", 1000, integer=True, minimum=0)
   _number(config, "optim.weight_decay", 0.05, minimum=0, optional=True)
   _number(config, "optim.clip_norm", 1.0, minimum=0, optional=True)

@@ -3,6 +3,11 @@
 Only process 0 writes. Every `write(step, metrics)` appends one JSON object
 `{"step": step, "train/loss": ..., ...}` to metrics.jsonl and the same scalars
 to the TensorBoard event file in DIR/tb.
+
+A writer that starts at `initial_step` (a resumed run) first drops the rows
+an interrupted run wrote past that step (after its last checkpoint; a run
+from step 0 drops them all), and TensorBoard purges its events past it, so
+that the files hold the rows of one uninterrupted run.
 """
 
 import json
@@ -42,8 +47,11 @@ class MetricWriter:
     self._bar = None
     if not self.active:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = _summary_writer_class()(os.path.join(workdir, "tb"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, initial_step if initial_step else -1)
+    self._jsonl = open(path, "a")
+    self._tb = _summary_writer_class()(os.path.join(workdir, "tb"),
+                                       purge_step=int(initial_step) + 1)
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
@@ -86,6 +94,28 @@ class MetricWriter:
       self._bar.close()
     self._jsonl.close()
     self._tb.close()
+
+
+def _drop_rows_after(path, step):
+  """Rewrites metrics.jsonl without its rows past `step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      continue  # A line cut short by a kill.
+    if row_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def read_jsonl(workdir):

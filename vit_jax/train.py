@@ -38,6 +38,7 @@ from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import sizes
 from vit_jax import tasks
+from vit_jax import workdir_lock
 from vit_jax import xla_options
 from vit_jax.evaluators import common
 
@@ -204,19 +205,37 @@ def _put(tree, shardings):
       tree, shardings)
 
 
+# Whether every float of the state after the step is finite (not logged).
+_FINITE = "finite_state"
+
+
+def _all_finite(tree):
+  """One boolean: every floating-point leaf of `tree` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def _check_finite(pending):
-  """Fetches per-step metrics; raises Error at the first non-finite step."""
+  """Fetches per-step metrics; raises Error at the first step whose loss,
+  gradient norm or new state (parameters, optimizer state, EMA) is not
+  finite, before any checkpoint of that state is written."""
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), m in zip(pending, fetched):
     loss, gnorm = float(m["train/loss"]), float(m["train/grad_norm"])
-    if not (np.isfinite(loss) and np.isfinite(gnorm)):
-      what = "loss" if not np.isfinite(loss) else "gradient norm"
+    if not (np.isfinite(loss) and np.isfinite(gnorm) and bool(m[_FINITE])):
+      if not np.isfinite(loss):
+        what = f"loss is {loss}"
+      elif not np.isfinite(gnorm):
+        what = f"gradient norm is {gnorm}"
+      else:
+        what = "parameters or optimizer state are not finite"
       raise Error(
-          f"{what} is {loss if what == 'loss' else gnorm} at step {step}; "
-          "the last good checkpoint is kept. Try a lower --config.optim.lr, "
-          "float32 compute (--config.model.dtype=float32) or gradient "
-          "clipping (--config.optim.clip_norm=1)")
-  return [(s, {k: float(v) for k, v in m.items()})
+          f"{what} at step {step}; the last good checkpoint is kept. Try a "
+          "lower --config.optim.lr, float32 compute "
+          "(--config.model.dtype=float32) or gradient clipping "
+          "(--config.optim.clip_norm=1)")
+  return [(s, {k: float(v) for k, v in m.items() if k != _FINITE})
           for (s, _), m in zip(pending, fetched)]
 
 
@@ -251,9 +270,16 @@ def train_and_evaluate(config, workdir, devices=None):
     The metrics of the final evaluation (dict).
   """
   clock = _Clock()
-  # Config and workdir.
+  # Config and workdir (one process at a time: a second one is refused).
   config_utils.validate(config)
+  workdir = os.path.abspath(workdir)
   _prepare_workdir(workdir)
+  with workdir_lock.WorkdirLock(workdir, active=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, devices, clock)
+
+
+def _train_and_evaluate(config, workdir, devices, clock):
+  """`train_and_evaluate` in a prepared, locked workdir."""
   image_size = sizes.pair(config.image_size)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.get("eval_batch_size") or batch_size)
@@ -356,7 +382,8 @@ def train_and_evaluate(config, workdir, devices=None):
       new_state["ema"] = optim.ema_update(state["ema"], new_params,
                                           ema_decay, step)
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-               "train/lr": schedule(step)}
+               "train/lr": schedule(step),
+               _FINITE: _all_finite(new_state)}
     metrics.update({f"train/{k}": v for k, v in aux.items()})
     return new_state, metrics
 
@@ -383,10 +410,11 @@ def train_and_evaluate(config, workdir, devices=None):
 
   # Restore, or initialise (from scratch or from config.init).
   ckpt = checkpoint.Manager(workdir, max_to_keep=config.max_to_keep, log=log)
-  restored = ckpt.restore_latest(state_spec)
+  restored = ckpt.restore_latest(
+      state_spec, fresh_start=bool(config.get("fresh_start")),
+      check_data=lambda d: data.set_state(train_iter, d["data"]))
   if restored is not None:
     start_step, state, data_state = restored
-    data.set_state(train_iter, data_state["data"])
     log(f"resumed from the checkpoint at step {start_step}")
     step_fn = compile_step() if start_step < total_steps else None
   else:
@@ -432,6 +460,8 @@ def train_and_evaluate(config, workdir, devices=None):
                                              context)
     evaluators.append((name, every, evaluator))
 
+  # Rows past the restored step were written after its checkpoint by the
+  # interrupted run: they are dropped, and written again as training goes.
   writer = metrics_lib.MetricWriter(workdir, total_steps, start_step,
                                     progress=config.get("progress", True))
   if skipped:
@@ -439,7 +469,8 @@ def train_and_evaluate(config, workdir, devices=None):
         f"{config.dataset} {config.train_split}: {', '.join(skipped[:3])}"
         f"{' ...' if len(skipped) > 3 else ''} (--config.pp.strict_images="
         "True makes this an error)")
-  writer.write(start_step, {"data/skipped_images": len(skipped)})
+  if not start_step:
+    writer.write(0, {"data/skipped_images": len(skipped)})
 
   def evaluate(step, final=False):
     results = {}
@@ -460,7 +491,7 @@ def train_and_evaluate(config, workdir, devices=None):
   # Loop.
   stop = StopFlag()
   stop.install()
-  results = {}
+  results, completed = {}, False
   try:
     if start_step >= total_steps:
       log(f"already trained for {total_steps} steps; evaluating")
@@ -502,11 +533,17 @@ def train_and_evaluate(config, workdir, devices=None):
         log(f"stopped by {name} at step {step}; checkpoint saved. Run the "
             "same command again to resume.")
         break
+    completed = True
   finally:
     stop.uninstall()
-    with clock.phase("checkpoints"):
-      ckpt.close()
-    writer.close()
+    try:
+      with clock.phase("checkpoints"):
+        ckpt.close()
+    except Error:
+      if completed:  # Else the error that ended the loop is the one shown.
+        raise
+    finally:
+      writer.close()
     # Stop grain's worker processes and drop the last batch (its host
     # buffers may be the workers' shared memory) now: collected only at
     # interpreter exit, they trigger the resource tracker's leak warning.

@@ -51,6 +51,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import sizes
 
 from vit_jax.data import preprocess
@@ -264,7 +265,7 @@ class _BatchIterator:
     else:
       for key, value in self._identity().items():
         if state.get(key) != value:
-          raise ValueError(
+          raise errors.Error(
               f"the data iterator state was saved with {key}={state.get(key)!r}"
               f" but this loader has {key}={value!r}: resume with the "
               "config the state was saved with")
