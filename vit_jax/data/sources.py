@@ -59,6 +59,7 @@ import weakref
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from vit_jax import errors
 from vit_jax.data import preprocess
@@ -341,9 +342,12 @@ def _pixels(image):
   """uint8 [H, W, C] of an open PIL image, C in 1..4, alpha kept."""
   mode = image.mode
   if mode.startswith(("I", "F")):
-    # 16-bit or float grayscale: scale to 8 bits.
+    # 16-bit grayscale (a PNG opens as "I;16", or "I" in older PIL) spans
+    # 0..65535 whatever the image holds: v -> round(v * 255 / 65535), so
+    # that brightness does not depend on the image's own maximum. Float
+    # grayscale ("F") is taken as 0..255, as PIL's own conversion does.
     array = np.asarray(image, np.float64)
-    peak = 65535.0 if array.max() > 255 else 255.0
+    peak = 255.0 if mode.startswith("F") else 65535.0
     return np.round(np.clip(array, 0, peak) * (255.0 / peak)).astype(
         np.uint8)[..., None]
   if mode in ("1", "L"):
@@ -367,14 +371,18 @@ def decode_image(path, num_channels=None):
   evaluation, few-shot) goes through it. PIL decodes the file; the channel
   conversion is `preprocess.to_channels`, the same function the loaders
   apply to arrays: transparent pixels are composited over white, RGB becomes
-  gray by PIL's luma, gray becomes RGB by repetition; 16-bit and float
-  grayscale is scaled to 8 bits. `num_channels` None keeps the file's kind:
-  1 for grayscale files, 3 for the others.
+  gray by PIL's luma, gray becomes RGB by repetition; 16-bit grayscale is
+  scaled to 8 bits by 255 / 65535 (the format's range, not the image's
+  maximum). A JPEG's EXIF orientation (as phone cameras write it) is applied
+  first (`PIL.ImageOps.exif_transpose`): the pixels are the upright image.
+  `num_channels` None keeps the file's kind: 1 for grayscale files, 3 for
+  the others.
 
   Raises PIL's exceptions (OSError, PIL.UnidentifiedImageError, ...) for a
   file it cannot decode; `FolderSource` turns them into `errors.Error`.
   """
   with PIL.Image.open(path) as image:
+    PIL.ImageOps.exif_transpose(image, in_place=True)
     array = _pixels(image)
   if num_channels is None:
     num_channels = 1 if array.shape[-1] <= 2 else 3
