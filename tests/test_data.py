@@ -443,6 +443,26 @@ def test_16_bit_png_scales_by_the_format_range(tmp_path):
                                 dark[..., None])
 
 
+def test_hidden_folders_and_files_are_left_out(tmp_path):
+  root = folder_fixture.make_image_folder(
+      tmp_path, classes=("b", "c"), splits={"train": 2, "test": 1})
+  (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+  PIL.Image.new("RGB", (16, 12)).save(
+      tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
+  (tmp_path / "train" / "b" / "._b.png").write_bytes(b"")  # AppleDouble
+  train = data.get_source("folder:" + root, "train")
+  assert train.class_names == ["b", "c"] and len(train) == 4
+  assert train.skipped == []
+  # Another split with the training classes: a missing class is fine, an
+  # unknown one is not.
+  test = data.get_source("folder:" + root, "test",
+                         class_names=["a", "b", "c"])
+  assert [test[i]["label"] for i in range(len(test))] == [1, 2]
+  with pytest.raises(ValueError, match=r"\['c'\] that are not among the "
+                     r"training classes \['a', 'b'\]"):
+    data.get_source("folder:" + root, "test", class_names=["a", "b"])
+
+
 # Damaged image files.
 
 
@@ -618,7 +638,7 @@ def test_labels_csv_folder_source(tmp_path):
     assert np.float32(example["label"]) == _CSV_VALUES[i]
     np.testing.assert_array_equal(example["image"],
                                   np.full((4, 6, 1), 10 * i, np.uint8))
-  with pytest.raises(ValueError, match="class_names do not apply"):
+  with pytest.raises(ValueError, match=r"\(float labels\) but class"):
     data.get_source("folder:" + root, "train", class_names=["a"])
 
 

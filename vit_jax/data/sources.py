@@ -497,6 +497,25 @@ def check_images(paths, threads=CHECK_THREADS):
   return bad, grayscale
 
 
+STRICT_IMAGES_HINT = "--config.pp.strict_images=True makes this an error"
+
+
+def skipped_warning(skipped, what, hint=STRICT_IMAGES_HINT):
+  """The warning line for the damaged files `skipped` (paths) of `what`.
+
+  `what` names the split, e.g. "folder:/data test"; at most three paths are
+  listed. `hint` (optional) is added in parentheses.
+  """
+  listed = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+  return (f"warning: skipped {len(skipped)} damaged image file(s) of {what}: "
+          f"{listed}" + (f" ({hint})" if hint else ""))
+
+
+def _hidden(name):
+  """Whether a file or folder name is hidden (".ipynb_checkpoints", ...)."""
+  return name.startswith(".")
+
+
 def _read_labels_csv(split_dir):
   """(files, float32 labels) listed in `split_dir/labels.csv`, in CSV order."""
   path = os.path.join(split_dir, LABELS_CSV)
@@ -548,8 +567,12 @@ class FolderSource:
   Two layouts, decided per split:
 
   - `root/<split>/<class>/*.{jpg,jpeg,png}` (class labels): class names are
-    the sorted subdirectory names of `root/<split>` (or `class_names`) and
-    labels their index; `label_dtype` int32.
+    the sorted subdirectory names of `root/<split>` and labels their index;
+    `label_dtype` int32. Hidden folders and files (names starting with ".",
+    such as `.ipynb_checkpoints/`) are neither classes nor images. With
+    `class_names` given (the training split's, for the other splits) labels
+    are indices into that list: a split may lack some of the classes (it has
+    no examples of them), while a class folder not in the list is an error.
   - `root/<split>/labels.csv` (float labels, for regression) when that file
     exists: a CSV with a header naming the columns `filename` and `label`
     (other columns are ignored); each row is one image, `filename` relative
@@ -599,8 +622,9 @@ class FolderSource:
     if os.path.isfile(os.path.join(split_dir, LABELS_CSV)):
       if class_names is not None:
         raise ValueError(
-            f"class_names do not apply to {split_dir}, whose {LABELS_CSV} "
-            "gives float labels: remove class_names (or the CSV)")
+            f"{split_dir} has a {LABELS_CSV} (float labels) but class names "
+            "were given (the training split's class folders): lay out every "
+            f"split the same way, class folders or a {LABELS_CSV}")
       self.files, self.labels = _read_labels_csv(split_dir)
       self.class_names = None
       self.num_classes = None
@@ -641,24 +665,32 @@ class FolderSource:
   def _read_class_dirs(self, split_dir, class_names):
     """Files and int labels of the `<class>/` subdirectories of a split."""
     names = sorted(d for d in os.listdir(split_dir)
-                   if os.path.isdir(os.path.join(split_dir, d)))
+                   if not _hidden(d) and
+                   os.path.isdir(os.path.join(split_dir, d)))
     if not names:
       raise ValueError(
           f"{split_dir} has no class subdirectories: expected "
           f"{split_dir}/<class>/*.jpg|jpeg|png (or a {LABELS_CSV} with "
           "float labels)")
     if class_names is not None:
+      class_names = [str(n) for n in class_names]
       unknown = sorted(set(names) - set(class_names))
       if unknown:
-        raise ValueError(f"{split_dir} has classes {unknown} that are not in "
-                         f"the given class_names {list(class_names)}")
-      names = list(class_names)
+        known = str(class_names)
+        if len(class_names) > 10:
+          known = (f"{str(class_names[:10])[:-1]}, ... "
+                   f"({len(class_names)} in all)]")
+        raise ValueError(
+            f"{split_dir} has class folder(s) {unknown} that are not among "
+            f"the training classes {known}: a model trained on those "
+            "cannot predict them; remove the folder(s) or train with them")
+      names = class_names
     files, labels, empty = [], [], []
     for label, name in enumerate(names):
       class_dir = os.path.join(split_dir, name)
       entries = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
       images = [os.path.join(class_dir, f) for f in entries
-                if f.lower().endswith(IMAGE_EXTENSIONS)]
+                if not _hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
       if not images and class_names is None:
         empty.append(name)
       files.extend(images)
@@ -793,7 +825,8 @@ class TfdsSource:
             f"len={len(self)})")
 
 
-def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
+def get_source(name, split, data_dir=None, strict_images=False,
+               class_names=None, **kwargs):
   """Returns the source for dataset `name` and `split`.
 
   Args:
@@ -804,8 +837,12 @@ def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
     strict_images: image folders: a damaged image file is an `errors.Error`
       rather than skipped (see `FolderSource`). Ignored by the other
       sources, whose files cannot be damaged in that way.
-    **kwargs: `num_channels`, `class_names` for folders; `image_key`,
-      `label_key` for tfds.
+    class_names: image folders with class subfolders: the classes in label
+      order, normally the training split's `class_names`, so that every
+      split maps a class name to the index the model was trained with (see
+      `FolderSource`). Ignored by the other sources, whose classes are fixed
+      by the dataset.
+    **kwargs: `num_channels` for folders; `image_key`, `label_key` for tfds.
   """
   bundled = {"digits": digits_source, "digits_value": digits_value_source,
              "digits_canvas": digits_canvas_source}
@@ -815,6 +852,7 @@ def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
     return bundled[name](split)
   if name.startswith("folder:"):
     return FolderSource(name[len("folder:"):], split,
+                        class_names=class_names,
                         strict_images=bool(strict_images), **kwargs)
   if name.startswith("tfds:"):
     name = name[len("tfds:"):]
