@@ -1,8 +1,8 @@
 """Image folders as a user lays them out, through `python -m vit_jax.main`.
 
 Labels come from the training split (evaluation splits map class names to
-its indices; hidden folders are no classes), and damaged evaluation files are
-warned of and counted.
+its indices; hidden folders are no classes), damaged evaluation files are
+warned of and counted, and a one-class folder is refused.
 """
 
 import json
@@ -182,3 +182,12 @@ def test_evaluations_label_by_the_training_classes(capfd, tmp_path):
         cli.__name__, line)
     assert os.path.join(root, "test") in line
 
+
+def test_one_class_folder_is_refused(capfd, tmp_path):
+  root = _folder(tmp_path / "images", {"train": {"a": 3}, "test": {"a": 1}})
+  rc, out = _run(capfd, main, *TINY, f"--config.dataset=folder:{root}",
+                 "--config.evals.fewshot.every=-1",
+                 f"--workdir={tmp_path / 'w'}")
+  line = _one_error(rc, out)
+  assert "has one class ('a')" in line and "needs at least two" in line
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
