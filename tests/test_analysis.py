@@ -270,9 +270,13 @@ def test_images_default_to_the_runs_dataset(tmp_path):
   """Distance and rollout images come from the workdir run's dataset."""
   from vit_jax import analyze  # pylint: disable=g-import-not-at-top
   (tmp_path / "config.json").write_text('{"dataset": "digits_canvas"}')
-  assert analyze._run_dataset(str(tmp_path), None) == "digits_canvas"  # pylint: disable=protected-access
-  assert analyze._run_dataset(str(tmp_path), "x.npz") == "digits"  # pylint: disable=protected-access
-  assert analyze._run_dataset(None, None) == "digits"  # pylint: disable=protected-access
+  assert analyze._run_dataset(str(tmp_path), None) == ("digits_canvas", None)  # pylint: disable=protected-access
+  assert analyze._run_dataset(str(tmp_path), "x.npz") == ("digits", None)  # pylint: disable=protected-access
+  assert analyze._run_dataset(None, None) == ("digits", None)  # pylint: disable=protected-access
+  # With the training classes the run kept: folder splits map to them.
+  (tmp_path / "config.json").write_text(
+      '{"dataset": "folder:/d", "resolved": {"class_names": ["a", "b"]}}')
+  assert analyze._run_dataset(str(tmp_path), None) == ("folder:/d", ["a", "b"])  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("posemb", ["none", "relative"])

@@ -399,6 +399,70 @@ def test_decode_image_modes(tmp_path):
       preprocess.to_channels(rgb, 1))
 
 
+def test_exif_orientation_is_applied(tmp_path):
+  # A phone photo: pixels stored sideways, EXIF orientation 6 ("rotate 90
+  # degrees clockwise to view"). Upright: 16x24 of flat 8x8 blocks (JPEG
+  # blocks, no chroma subsampling), so that the JPEG is near-lossless.
+  rng = np.random.default_rng(0)
+  upright = np.kron(rng.integers(0, 256, (2, 3, 3)),
+                    np.ones((8, 8, 1))).astype(np.uint8)
+  stored = np.rot90(upright, k=1)  # Counter-clockwise: sideways, 24x16.
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6
+  path = tmp_path / "photo.jpg"
+  PIL.Image.fromarray(np.ascontiguousarray(stored)).save(
+      path, quality=95, subsampling=0, exif=exif.tobytes())
+  image = data.decode_image(path)
+  assert image.shape == (16, 24, 3)
+  # The decoded stored pixels, turned clockwise: rotation is lossless.
+  with PIL.Image.open(path) as raw:
+    np.testing.assert_array_equal(
+        image, np.rot90(np.asarray(raw.convert("RGB")), k=-1))
+  # And upright within JPEG error: at most 4 levels on flat blocks.
+  assert np.abs(image.astype(int) - upright).max() <= 4
+  # Folders read it so too.
+  (tmp_path / "root" / "train" / "a").mkdir(parents=True)
+  os.replace(path, tmp_path / "root" / "train" / "a" / "photo.jpg")
+  np.testing.assert_array_equal(
+      data.get_source(f"folder:{tmp_path / 'root'}", "train")[0]["image"],
+      image)
+
+
+def test_16_bit_png_scales_by_the_format_range(tmp_path):
+  # Two 16-bit grayscale PNGs: values up to 200 (dark) and the same values
+  # times 257 (8-bit levels in 16 bits). v decodes to round(v * 255 / 65535)
+  # whatever the image's own maximum: the dark one stays dark.
+  dark = np.array([[0, 100, 128, 129], [150, 200, 200, 1]], np.uint16)
+  PIL.Image.fromarray(dark).save(tmp_path / "dark.png")
+  PIL.Image.fromarray(dark * 257).save(tmp_path / "bright.png")
+  with PIL.Image.open(tmp_path / "dark.png") as image:
+    assert image.mode.startswith("I")
+  np.testing.assert_array_equal(data.decode_image(tmp_path / "dark.png"),
+                                [[[0], [0], [0], [1]], [[1], [1], [1], [0]]])
+  np.testing.assert_array_equal(data.decode_image(tmp_path / "bright.png"),
+                                dark[..., None])
+
+
+def test_hidden_folders_and_files_are_left_out(tmp_path):
+  root = folder_fixture.make_image_folder(
+      tmp_path, classes=("b", "c"), splits={"train": 2, "test": 1})
+  (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+  PIL.Image.new("RGB", (16, 12)).save(
+      tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
+  (tmp_path / "train" / "b" / "._b.png").write_bytes(b"")  # AppleDouble
+  train = data.get_source("folder:" + root, "train")
+  assert train.class_names == ["b", "c"] and len(train) == 4
+  assert train.skipped == []
+  # Another split with the training classes: a missing class is fine, an
+  # unknown one is not.
+  test = data.get_source("folder:" + root, "test",
+                         class_names=["a", "b", "c"])
+  assert [test[i]["label"] for i in range(len(test))] == [1, 2]
+  with pytest.raises(ValueError, match=r"\['c'\] that are not among the "
+                     r"training classes \['a', 'b'\]"):
+    data.get_source("folder:" + root, "test", class_names=["a", "b"])
+
+
 # Damaged image files.
 
 
@@ -574,7 +638,7 @@ def test_labels_csv_folder_source(tmp_path):
     assert np.float32(example["label"]) == _CSV_VALUES[i]
     np.testing.assert_array_equal(example["image"],
                                   np.full((4, 6, 1), 10 * i, np.uint8))
-  with pytest.raises(ValueError, match="class_names do not apply"):
+  with pytest.raises(ValueError, match=r"\(float labels\) but class"):
     data.get_source("folder:" + root, "train", class_names=["a"])
 
 

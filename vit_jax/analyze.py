@@ -138,11 +138,12 @@ def applicable(model, what=None):
 
 
 def _images(dataset, split, data_dir, count, batch_size, image_size,
-            num_channels):
+            num_channels, class_names=None):
   """Yields (images [b, H, W, C], mask [b]) with `count` valid images in all."""
   from vit_jax import data  # pylint: disable=g-import-not-at-top
   try:
-    source = data.get_source(dataset, split, data_dir=data_dir)
+    source = data.get_source(dataset, split, data_dir=data_dir,
+                             class_names=class_names)
   except (ValueError, FileNotFoundError) as e:
     raise errors.Error(f"cannot read --dataset={dataset} --split={split}: "
                        f"{_one_line(e)}") from None
@@ -190,7 +191,7 @@ def _fmt(values):
 def analyse(params, model, output_dir, what=None, name="model",
             dataset="digits", split="test", data_dir=None, num_images=128,
             num_show=6, batch_size=32, num_components=28, image_size=None,
-            log=print):
+            class_names=None, log=print):
   """Runs the analyses and writes their figures into `output_dir`.
 
   Args:
@@ -200,6 +201,9 @@ def analyse(params, model, output_dir, what=None, name="model",
     what: list of analyses (`ANALYSES`), or None for all that apply.
     name: shown in titles and the summary.
     dataset, split, data_dir: images for distance and rollout.
+    class_names: the training split's class names, when `dataset` is the
+      one the model was trained on: an image folder's split is then read
+      as the evaluators read it (a class training never saw is an error).
     num_images: images the attention distance is averaged over.
     num_show: images shown with their rollout maps.
     batch_size: images per forward pass.
@@ -260,7 +264,7 @@ def analyse(params, model, output_dir, what=None, name="model",
     seen = 0
     shown_images, shown_maps = [], []
     for images, mask in _images(dataset, split, data_dir, count, batch_size,
-                                size, model.num_channels):
+                                size, model.num_channels, class_names):
       try:
         dist, maps = fn(params, images)
       except ValueError as e:
@@ -349,12 +353,18 @@ def analyse(params, model, output_dir, what=None, name="model",
 
 
 def _run_dataset(workdir, init):
-  """The dataset a training workdir was trained on, else "digits"."""
+  """(dataset, training class names) of a training workdir's run.
+
+  ("digits", None) without a workdir's config.json. The class names are
+  those config.json's "resolved" section keeps (None when not kept).
+  """
   path = os.path.join(workdir or "", "config.json")
   if init or not workdir or not os.path.exists(path):
-    return "digits"
+    return "digits", None
   with open(path) as f:
-    return json.load(f).get("dataset") or "digits"
+    run = json.load(f)
+  resolved = run.get("resolved") or {}
+  return run.get("dataset") or "digits", resolved.get("class_names")
 
 
 @errors.command_line
@@ -374,9 +384,11 @@ def run(argv):
     image_size = None  # The model was built for it.
   else:
     output_dir = _OUTPUT_DIR.value or FLAGS.workdir
+  run_dataset, class_names = _run_dataset(FLAGS.workdir, FLAGS.init)
+  dataset = _DATASET.value or run_dataset
   analyse(params, model, output_dir, what=what, name=name,
-          dataset=_DATASET.value or _run_dataset(FLAGS.workdir, FLAGS.init),
-          split=_SPLIT.value,
+          dataset=dataset, split=_SPLIT.value,
+          class_names=class_names if dataset == run_dataset else None,
           data_dir=_DATA_DIR.value, num_images=_NUM_IMAGES.value,
           num_show=_NUM_SHOW.value, batch_size=_BATCH_SIZE.value,
           num_components=_NUM_COMPONENTS.value, image_size=image_size)

@@ -106,6 +106,7 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
     The report (see `evaluators.fewshot.Evaluator.report`).
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import data  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluators import fewshot  # pylint: disable=g-import-not-at-top
   if init:
@@ -134,6 +135,8 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
   try:
     evaluator = fewshot.Evaluator(predict_fn, mesh, log=log,
                                   **config.to_dict())
+    for what, paths in evaluator.skipped.items():
+      log(data.skipped_warning(paths, what, hint=None))
     report = evaluator.report(params)
   except (ValueError, FileNotFoundError) as e:  # Config or missing data.
     raise errors.Error(str(e)) from None

@@ -436,11 +436,15 @@ def _train_and_evaluate(config, workdir, devices, clock):
         state = init_state.result()(rng)
 
   # The resolved config, once the checkpoint (if any) is known to fit it.
+  # The training split's class names travel with the run: every evaluation
+  # (here, few-shot, analyze) maps class names to these labels.
+  class_names = getattr(train_src, "class_names", None)
+  class_names = None if class_names is None else [str(n) for n in class_names]
   if jax.process_index() == 0:
     config_utils.save_config(config, workdir, extra={"resolved": dict(
         total_steps=total_steps, num_classes=model.num_classes,
         image_size=list(image_size), num_channels=num_channels,
-        model_kwargs=model_kwargs)})
+        model_kwargs=model_kwargs, class_names=class_names)})
 
   # Evaluators, from config.evals.
   def predict_fn(params, images, **kwargs):
@@ -451,7 +455,7 @@ def _train_and_evaluate(config, workdir, devices, clock):
       train_split=config.train_split, data_dir=config.get("data_dir"),
       batch_size=eval_batch_size, image_size=image_size,
       num_channels=num_channels, seed=int(config.seed), workdir=workdir,
-      log=log, strict_images=strict_images)
+      log=log, strict_images=strict_images, class_names=class_names)
   evaluators = []
   for name, cfg in (config.get("evals") or {}).items():
     if cfg is None or int(cfg.get("every", 0) or 0) < 0:
@@ -464,13 +468,12 @@ def _train_and_evaluate(config, workdir, devices, clock):
   # interrupted run: they are dropped, and written again as training goes.
   writer = metrics_lib.MetricWriter(workdir, total_steps, start_step,
                                     progress=config.get("progress", True))
-  if skipped:
-    log(f"warning: skipped {len(skipped)} damaged image file(s) of "
-        f"{config.dataset} {config.train_split}: {', '.join(skipped[:3])}"
-        f"{' ...' if len(skipped) > 3 else ''} (--config.pp.strict_images="
-        "True makes this an error)")
+  # Damaged image files skipped by training and the evaluators: warned of at
+  # every start, counted in the row of step 0.
+  skipped_row = common.report_skipped(
+      {f"{config.dataset} {config.train_split}": skipped}, evaluators, log)
   if not start_step:
-    writer.write(0, {"data/skipped_images": len(skipped)})
+    writer.write(0, skipped_row)
 
   def evaluate(step, final=False):
     results = {}

@@ -99,6 +99,9 @@ def _flag_overrides(args):
 def _workdir_labels(config):
   if config.get("labels"):
     return list(config.labels)
+  resolved = config.get("resolved") or {}
+  if resolved.get("class_names"):  # The training split's, kept by the run.
+    return list(resolved["class_names"])
   try:
     from vit_jax import data  # pylint: disable=g-import-not-at-top
     src = data.get_source(config.dataset, config.get("train_split", "train"),

@@ -51,3 +51,4 @@ from vit_jax.data.sources import digits_source
 from vit_jax.data.sources import digits_value_source
 from vit_jax.data.sources import get_source
 from vit_jax.data.sources import label_dtype
+from vit_jax.data.sources import skipped_warning

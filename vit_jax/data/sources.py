@@ -59,6 +59,7 @@ import weakref
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from vit_jax import errors
 from vit_jax.data import preprocess
@@ -341,9 +342,12 @@ def _pixels(image):
   """uint8 [H, W, C] of an open PIL image, C in 1..4, alpha kept."""
   mode = image.mode
   if mode.startswith(("I", "F")):
-    # 16-bit or float grayscale: scale to 8 bits.
+    # 16-bit grayscale (a PNG opens as "I;16", or "I" in older PIL) spans
+    # 0..65535 whatever the image holds: v -> round(v * 255 / 65535), so
+    # that brightness does not depend on the image's own maximum. Float
+    # grayscale ("F") is taken as 0..255, as PIL's own conversion does.
     array = np.asarray(image, np.float64)
-    peak = 65535.0 if array.max() > 255 else 255.0
+    peak = 255.0 if mode.startswith("F") else 65535.0
     return np.round(np.clip(array, 0, peak) * (255.0 / peak)).astype(
         np.uint8)[..., None]
   if mode in ("1", "L"):
@@ -367,14 +371,18 @@ def decode_image(path, num_channels=None):
   evaluation, few-shot) goes through it. PIL decodes the file; the channel
   conversion is `preprocess.to_channels`, the same function the loaders
   apply to arrays: transparent pixels are composited over white, RGB becomes
-  gray by PIL's luma, gray becomes RGB by repetition; 16-bit and float
-  grayscale is scaled to 8 bits. `num_channels` None keeps the file's kind:
-  1 for grayscale files, 3 for the others.
+  gray by PIL's luma, gray becomes RGB by repetition; 16-bit grayscale is
+  scaled to 8 bits by 255 / 65535 (the format's range, not the image's
+  maximum). A JPEG's EXIF orientation (as phone cameras write it) is applied
+  first (`PIL.ImageOps.exif_transpose`): the pixels are the upright image.
+  `num_channels` None keeps the file's kind: 1 for grayscale files, 3 for
+  the others.
 
   Raises PIL's exceptions (OSError, PIL.UnidentifiedImageError, ...) for a
   file it cannot decode; `FolderSource` turns them into `errors.Error`.
   """
   with PIL.Image.open(path) as image:
+    PIL.ImageOps.exif_transpose(image, in_place=True)
     array = _pixels(image)
   if num_channels is None:
     num_channels = 1 if array.shape[-1] <= 2 else 3
@@ -489,6 +497,25 @@ def check_images(paths, threads=CHECK_THREADS):
   return bad, grayscale
 
 
+STRICT_IMAGES_HINT = "--config.pp.strict_images=True makes this an error"
+
+
+def skipped_warning(skipped, what, hint=STRICT_IMAGES_HINT):
+  """The warning line for the damaged files `skipped` (paths) of `what`.
+
+  `what` names the split, e.g. "folder:/data test"; at most three paths are
+  listed. `hint` (optional) is added in parentheses.
+  """
+  listed = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+  return (f"warning: skipped {len(skipped)} damaged image file(s) of {what}: "
+          f"{listed}" + (f" ({hint})" if hint else ""))
+
+
+def _hidden(name):
+  """Whether a file or folder name is hidden (".ipynb_checkpoints", ...)."""
+  return name.startswith(".")
+
+
 def _read_labels_csv(split_dir):
   """(files, float32 labels) listed in `split_dir/labels.csv`, in CSV order."""
   path = os.path.join(split_dir, LABELS_CSV)
@@ -540,8 +567,12 @@ class FolderSource:
   Two layouts, decided per split:
 
   - `root/<split>/<class>/*.{jpg,jpeg,png}` (class labels): class names are
-    the sorted subdirectory names of `root/<split>` (or `class_names`) and
-    labels their index; `label_dtype` int32.
+    the sorted subdirectory names of `root/<split>` and labels their index;
+    `label_dtype` int32. Hidden folders and files (names starting with ".",
+    such as `.ipynb_checkpoints/`) are neither classes nor images. With
+    `class_names` given (the training split's, for the other splits) labels
+    are indices into that list: a split may lack some of the classes (it has
+    no examples of them), while a class folder not in the list is an error.
   - `root/<split>/labels.csv` (float labels, for regression) when that file
     exists: a CSV with a header naming the columns `filename` and `label`
     (other columns are ignored); each row is one image, `filename` relative
@@ -591,8 +622,9 @@ class FolderSource:
     if os.path.isfile(os.path.join(split_dir, LABELS_CSV)):
       if class_names is not None:
         raise ValueError(
-            f"class_names do not apply to {split_dir}, whose {LABELS_CSV} "
-            "gives float labels: remove class_names (or the CSV)")
+            f"{split_dir} has a {LABELS_CSV} (float labels) but class names "
+            "were given (the training split's class folders): lay out every "
+            f"split the same way, class folders or a {LABELS_CSV}")
       self.files, self.labels = _read_labels_csv(split_dir)
       self.class_names = None
       self.num_classes = None
@@ -633,24 +665,32 @@ class FolderSource:
   def _read_class_dirs(self, split_dir, class_names):
     """Files and int labels of the `<class>/` subdirectories of a split."""
     names = sorted(d for d in os.listdir(split_dir)
-                   if os.path.isdir(os.path.join(split_dir, d)))
+                   if not _hidden(d) and
+                   os.path.isdir(os.path.join(split_dir, d)))
     if not names:
       raise ValueError(
           f"{split_dir} has no class subdirectories: expected "
           f"{split_dir}/<class>/*.jpg|jpeg|png (or a {LABELS_CSV} with "
           "float labels)")
     if class_names is not None:
+      class_names = [str(n) for n in class_names]
       unknown = sorted(set(names) - set(class_names))
       if unknown:
-        raise ValueError(f"{split_dir} has classes {unknown} that are not in "
-                         f"the given class_names {list(class_names)}")
-      names = list(class_names)
+        known = str(class_names)
+        if len(class_names) > 10:
+          known = (f"{str(class_names[:10])[:-1]}, ... "
+                   f"({len(class_names)} in all)]")
+        raise ValueError(
+            f"{split_dir} has class folder(s) {unknown} that are not among "
+            f"the training classes {known}: a model trained on those "
+            "cannot predict them; remove the folder(s) or train with them")
+      names = class_names
     files, labels, empty = [], [], []
     for label, name in enumerate(names):
       class_dir = os.path.join(split_dir, name)
       entries = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
       images = [os.path.join(class_dir, f) for f in entries
-                if f.lower().endswith(IMAGE_EXTENSIONS)]
+                if not _hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
       if not images and class_names is None:
         empty.append(name)
       files.extend(images)
@@ -785,7 +825,8 @@ class TfdsSource:
             f"len={len(self)})")
 
 
-def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
+def get_source(name, split, data_dir=None, strict_images=False,
+               class_names=None, **kwargs):
   """Returns the source for dataset `name` and `split`.
 
   Args:
@@ -796,8 +837,12 @@ def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
     strict_images: image folders: a damaged image file is an `errors.Error`
       rather than skipped (see `FolderSource`). Ignored by the other
       sources, whose files cannot be damaged in that way.
-    **kwargs: `num_channels`, `class_names` for folders; `image_key`,
-      `label_key` for tfds.
+    class_names: image folders with class subfolders: the classes in label
+      order, normally the training split's `class_names`, so that every
+      split maps a class name to the index the model was trained with (see
+      `FolderSource`). Ignored by the other sources, whose classes are fixed
+      by the dataset.
+    **kwargs: `num_channels` for folders; `image_key`, `label_key` for tfds.
   """
   bundled = {"digits": digits_source, "digits_value": digits_value_source,
              "digits_canvas": digits_canvas_source}
@@ -807,6 +852,7 @@ def get_source(name, split, data_dir=None, strict_images=False, **kwargs):
     return bundled[name](split)
   if name.startswith("folder:"):
     return FolderSource(name[len("folder:"):], split,
+                        class_names=class_names,
                         strict_images=bool(strict_images), **kwargs)
   if name.startswith("tfds:"):
     name = name[len("tfds:"):]

@@ -13,7 +13,12 @@ of your own; it defaults to the entry's name.
 Fields an entry does not set take the run's values when the evaluator
 accepts them by name: `dataset`, `split` (the run's `eval_split`),
 `train_split`, `data_dir`, `batch_size` (`eval_batch_size`), `image_size`,
-`num_channels`, `seed`, `workdir`, `log`, `strict_images`.
+`num_channels`, `seed`, `workdir`, `log`, `strict_images`, `class_names`
+(the training split's class names, in label order: evaluators map an image
+folder's classes to the model's labels with them). An evaluator's `skipped`
+attribute, when it has one, holds the damaged files its splits left out as
+{split: paths}: the training loop warns of them and logs their count as
+`<name>/skipped_images` (`common.report_skipped`).
 """
 
 import inspect

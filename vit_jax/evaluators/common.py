@@ -19,16 +19,60 @@ from vit_jax import sharding
 from vit_jax import xla_options
 
 
-def load_source(dataset, split, data_dir=None, strict_images=False):
-  """`data.get_source` with a one-line error naming the dataset and split."""
+def load_source(dataset, split, data_dir=None, strict_images=False,
+                class_names=None):
+  """`data.get_source` with a one-line error naming the dataset and split.
+
+  `class_names` (the training split's) maps an image folder's class names to
+  the labels the model was trained with (see `data.get_source`).
+  """
   try:
     return data.get_source(dataset, split, data_dir=data_dir,
-                           strict_images=strict_images)
+                           strict_images=strict_images,
+                           class_names=class_names)
   except (ValueError, KeyError, FileNotFoundError, NotADirectoryError,
           ImportError) as e:
     msg = e.args[0] if e.args else str(e)
     raise errors.Error(f"cannot load dataset {dataset!r} split {split!r}: "
                        f"{msg}") from None
+
+
+def skipped_files(source, what):
+  """{what: sorted paths} of the damaged files `source` left out, or {}.
+
+  `what` names the split ("folder:/data test"). Evaluators keep the union of
+  theirs as `skipped`; the training loop warns of each split once (see
+  `report_skipped`).
+  """
+  skipped = list(getattr(source, "skipped", None) or ())
+  return {what: skipped} if skipped else {}
+
+
+def report_skipped(train_skipped, evaluators, log=print):
+  """Warns of the damaged files skipped by training and evaluation splits.
+
+  Args:
+    train_skipped: {split: paths} of the training split ("cifar10 train").
+    evaluators: (name, every, evaluator) triples; an evaluator's `skipped`
+      ({split: paths}), when it has one, is reported.
+    log: printing function: one warning line per split, each split once.
+
+  Returns:
+    The counts to log: {"data/skipped_images": n, "<name>/skipped_images":
+    files left out by that evaluator's splits}.
+  """
+  splits = dict(train_skipped)
+  counts = {"data/skipped_images": sum(len(p) for p in splits.values())}
+  for name, _, evaluator in evaluators:
+    if hasattr(evaluator, "skipped"):
+      counts[f"{name}/skipped_images"] = len(
+          set().union(*evaluator.skipped.values()))
+      for what, paths in evaluator.skipped.items():
+        splits.setdefault(what, paths)
+  for what, paths in splits.items():
+    if paths:
+      log(data.skipped_warning(paths, what))
+  return counts
 
 
 def global_batches(source, mesh, batch_size, image_size, num_channels=None,
@@ -114,13 +158,18 @@ class SplitEvaluator:
   Subclasses define `per_example(self, params, batch) -> {name: [B]}` (traced
   under jit; `self.predict_fn` is the model) and `run`, which turns
   `self.sums.run(params)` (the sums and `count`) into metrics.
+
+  `class_names` (the training split's, given by the training loop) maps an
+  image folder's classes to the model's labels; `skipped` ({split: paths},
+  see `skipped_files`) holds the damaged files the split left out.
   """
 
   def __init__(self, predict_fn, mesh, *, dataset, split, batch_size,
                image_size, num_channels=None, data_dir=None,
-               strict_images=False):
+               strict_images=False, class_names=None):
     self.predict_fn = predict_fn
-    source = load_source(dataset, split, data_dir, strict_images)
+    source = load_source(dataset, split, data_dir, strict_images, class_names)
+    self.skipped = skipped_files(source, f"{dataset} {split}")
     self.sums = SplitSums(self.per_example, mesh, source, batch_size,
                           image_size, num_channels)
 

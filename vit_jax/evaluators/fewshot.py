@@ -170,11 +170,16 @@ class Evaluator:
 
   `Evaluator(predict_fn, mesh, **fields)` with the fields of
   `default_config()` (missing ones take its defaults); `predict_fn` may be
-  None for `representation="pixels"`.
+  None for `representation="pixels"`. An image folder's test split maps its
+  class names to the labels of the dataset's train split (a class the train
+  split lacks is an error). `skipped` ({split: paths}, see
+  `common.skipped_files`) holds the damaged files the splits left out (with
+  `strict_images`, the first is an error).
   """
 
   def __init__(self, predict_fn, mesh, log=print, image_size=None,
-               num_channels=None, data_dir=None, **fields):
+               num_channels=None, data_dir=None, strict_images=False,
+               **fields):
     self.predict_fn = predict_fn
     self.mesh = mesh
     self.config = c = resolve_config(dict(
@@ -204,6 +209,7 @@ class Evaluator:
       raise ValueError(f"few-shot on representation {self.representation!r} "
                        "needs a model and its image_size")
     self.datasets = []
+    self.skipped = {}
     for entry in c.datasets:
       if len(entry) != 4:
         raise ValueError(
@@ -211,9 +217,14 @@ class Evaluator:
             "test_split), e.g. ('cifar100', 'tfds:cifar100', 'train', "
             "'test')")
       name, source, train_split, test_split = entry
-      self.datasets.append((name, data.get_source(
-          source, train_split, data_dir=c.get("data_dir")), data.get_source(
-              source, test_split, data_dir=c.get("data_dir"))))
+      train = data.get_source(source, train_split, data_dir=c.get("data_dir"),
+                              strict_images=strict_images)
+      test = data.get_source(source, test_split, data_dir=c.get("data_dir"),
+                             strict_images=strict_images,
+                             class_names=getattr(train, "class_names", None))
+      self.datasets.append((name, train, test))
+      for split, src in ((train_split, train), (test_split, test)):
+        self.skipped.update(common.skipped_files(src, f"{source} {split}"))
     self._features_jit = jax.jit(
         self._features, out_shardings=NamedSharding(mesh, P("data")),
         compiler_options=xla_options.for_backend())

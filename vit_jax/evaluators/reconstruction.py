@@ -71,6 +71,7 @@ class Evaluator:
     self.predict_fn = predict_fn
     self.mesh = mesh
     self.source = common.load_source(dataset, split, data_dir, strict_images)
+    self.skipped = common.skipped_files(self.source, f"{dataset} {split}")
     self.train_source = common.load_source(dataset, train_split, data_dir,
                                            strict_images)
     self.batch_size = int(batch_size)

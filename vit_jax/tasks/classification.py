@@ -1,7 +1,8 @@
 """Classification: integer labels, softmax (or sigmoid) cross-entropy.
 
 Config: `loss` ("softmax_xent" or "sigmoid_xent"), `label_smoothing`;
-`model.num_classes` defaults to the source's class count.
+`model.num_classes` defaults to the source's class count. A training source
+with one class (e.g. an image folder with one class folder) is refused.
 """
 
 import jax
@@ -22,6 +23,14 @@ class Task:
                          f"classification task: use one of {', '.join(LOSSES)}"
                          " (or --config.task=regression for mse)")
     self.smoothing = float(config.get("label_smoothing") or 0.0)
+    names = getattr(source, "class_names", None)
+    if getattr(source, "num_classes", None) == 1:
+      named = f" ({names[0]!r})" if names else ""
+      raise errors.Error(
+          f"dataset {config.get('dataset')!r} split "
+          f"{config.get('train_split')!r} has one class{named}: "
+          "classification needs at least two (every example would be right, "
+          "with loss 0): add a folder per class")
     num_classes = config.model.get("num_classes")
     if num_classes is None:
       num_classes = getattr(source, "num_classes", None)
