@@ -4,13 +4,20 @@ Each row is run in-process: the CLI must return 1, print exactly one stderr
 line, starting with `error:`, and no traceback.
 """
 
+import json
 import os
 
+import jax
+import numpy as np
 import PIL.Image
 import pytest
 
+from vit_jax import checkpoint
+from vit_jax import config_utils
 from vit_jax import fewshot
 from vit_jax import main
+from vit_jax import models
+from vit_jax import npz
 from vit_jax.bench import __main__ as bench
 from vit_jax.convert import cli as convert
 
@@ -53,6 +60,21 @@ def files(tmp_path_factory):
           "not_image": not_image,
           "not_image_file": str(d / "not_image" / "train" / "b" / "x.jpg"),
           "workdir": str(d / "w")}
+
+
+def _tiny_params(**fields):
+  """Random parameters shaped as TINY's model with some fields changed."""
+  fields = {**dict(hidden_size=16, mlp_dim=32, num_heads=4, patch_size=4,
+                   num_layers=1, image_size=8, num_channels=1,
+                   num_classes=10), **fields}
+  model = models.create("testing", **fields)
+  size = fields["image_size"]
+  images = jax.ShapeDtypeStruct((1, size, size, fields["num_channels"]),
+                                np.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                      shapes["params"])
 
 
 def _no_image_size(args):
@@ -160,3 +182,63 @@ def test_sweep(args, message, files, capfd):
   from vit_jax import sweep  # pylint: disable=g-import-not-at-top
   rc = sweep.run(["sweep", *[a.format(**files) for a in args]])
   assert message.format(**files) in one_error_line(rc, capfd)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A directory holding `run`, a workdir of TINY's model (one checkpoint)."""
+  root = tmp_path_factory.mktemp("relative")
+  run = str(root / "run")
+  os.makedirs(run)
+  config = config_utils.default_config()
+  config.model_name = "testing"
+  fields = dict(hidden_size=16, mlp_dim=32, num_heads=4, patch_size=4,
+                num_layers=1, image_size=[8, 8], num_channels=1,
+                num_classes=10)
+  config_utils.save_config(config, run, extra={"resolved": dict(
+      num_classes=10, image_size=[8, 8], num_channels=1,
+      model_kwargs=fields)})
+  manager = checkpoint.Manager(run, max_to_keep=1)
+  manager.save(4, {"params": _tiny_params(), "step": np.int32(4)}, {"step": 4})
+  manager.close()
+  return root
+
+
+def test_relative_paths(saved_run, monkeypatch, capfd):
+  """Paths relative to the current directory work in every command line."""
+  monkeypatch.chdir(saved_run)
+  params, _ = checkpoint.latest_params(str(saved_run / "run"))
+  relative, _ = checkpoint.latest_params("run")  # The library alone.
+  jax.tree.map(np.testing.assert_array_equal, relative, params)
+
+  assert convert.main(["--from=run", "--to=npz", "--out=run.npz"]) == 0
+  written = npz.flatten(npz.load_npz(str(saved_run / "run.npz")))
+  expected = npz.flatten(params)
+  assert set(written) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+
+  assert fewshot.run([
+      "fewshot", "--workdir=run", "--output_dir=fewshot",
+      f"--config={ROOT}/configs/fewshot.py:digits,pre_logits,runlocal",
+      "--config.shots=(1,)", "--config.seeds=(0,)"]) == 0
+  with open(saved_run / "fewshot" / "fewshot.json") as f:
+    assert set(json.load(f)["digits"]) == {"1"}
+
+  from vit_jax import analyze  # pylint: disable=g-import-not-at-top
+  assert analyze.run(["analyze", "--workdir=run", "--what=posemb",
+                      "--output_dir=analysis"]) == 0
+  assert (saved_run / "analysis" / "posemb_similarity.png").is_file()
+
+  # Fine-tuning from a relative workdir into a relative workdir; config.json
+  # records both absolute, for commands started elsewhere.
+  config = [a.replace("=configs/", f"={ROOT}/configs/") for a in TINY]
+  assert main.run(["main", *config, "--config.init=run",
+                   "--workdir=tuned"]) == 0
+  with open(saved_run / "tuned" / "config.json") as f:
+    assert json.load(f)["init"] == str(saved_run / "run")
+  assert checkpoint.latest_params(str(saved_run / "tuned"))[1].init == str(
+      saved_run / "run")
+  out, err = capfd.readouterr()
+  assert "error:" not in out + err and "Traceback" not in out + err
+

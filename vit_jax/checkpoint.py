@@ -167,7 +167,9 @@ def _check_compatible(stored, expected, step, directory):
 
 def _restore_numpy(step_dir):
   """Reads a checkpoint's state item as numpy arrays (no mesh needed)."""
-  path = os.path.join(step_dir, "state")
+  # Orbax reads by absolute path only: given a relative one, its metadata()
+  # swallows the refusal and returns no tree.
+  path = os.path.abspath(os.path.join(step_dir, "state"))
   checkpointer = ocp.PyTreeCheckpointer()
   # The step's _CHECKPOINT_METADATA is one level up, in the step directory;
   # orbax warns that the item directory has none, which is expected here.

@@ -22,6 +22,7 @@ import numpy as np
 
 from vit_jax import errors
 from vit_jax import npz
+from vit_jax import paths
 from vit_jax import sizes
 from vit_jax.convert import bit as bit_lib
 from vit_jax.convert import core
@@ -229,6 +230,8 @@ def _flags(fields):
 def run(args, log=print):
   """Performs the conversion; returns the parity figures (or {})."""
   from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
+  for key in ("src", "out", "timm_kwargs"):
+    setattr(args, key, paths.absolute(getattr(args, key)))
   if bit_lib.is_workdir(args.src):  # A BiT ResNet: timm's ResNetV2 only.
     return bit_lib.convert_workdir(args, log)
   params, cfg, labels, kind, source = load_source(args, log)
