@@ -52,6 +52,12 @@ def files(tmp_path_factory):
       str(d / "not_image"), classes=("a", "b"), splits={"train": 6, "test": 2},
       image_size=(8, 8))
   (d / "not_image" / "train" / "b" / "x.jpg").write_text("not an image")
+  inits = {}  # .npz checkpoints whose structure differs from TINY's model.
+  for name, fields in (("wide", dict(hidden_size=32, mlp_dim=64)),
+                       ("heads", dict(num_heads=2, patch_size=2)),
+                       ("bigger", dict(image_size=16))):
+    inits[name] = str(d / f"{name}.npz")
+    npz.save_npz(inits[name], _tiny_params(**fields))
   sweep = d / "sweep.py"
   sweep.write_text("def get_sweep():\n  return dict(settings=[dict(name='a', "
                    "config='configs/digits.py')], seeds=(0, 1))\n")
@@ -59,7 +65,7 @@ def files(tmp_path_factory):
           "truncated": truncated, "truncated_file": str(jpeg),
           "not_image": not_image,
           "not_image_file": str(d / "not_image" / "train" / "b" / "x.jpg"),
-          "workdir": str(d / "w")}
+          "workdir": str(d / "w"), **inits}
 
 
 def _tiny_params(**fields):
@@ -118,6 +124,27 @@ def test_main(args, message, files, capfd):
   args = [a.format(**files) for a in args]
   rc = main.run(["main", *TINY, *args, f"--workdir={files['workdir']}"])
   assert message.format(**files) in one_error_line(rc, capfd)
+
+
+def test_main_init_of_another_structure(files, capfd):
+  """--config.init= an .npz of another model names the fields that differ;
+  the resample hint is for position counts alone."""
+  for name, message in (
+      ("wide", "has width 32, the model 16 (--config.model.hidden_size); MLP "
+               "width 64, the model 32 (--config.model.mlp_dim): set the model "
+               "fields to the checkpoint's (or its variant with "
+               "--config.model_name)"),
+      ("heads", "has heads 2, the model 4 (--config.model.num_heads); patch "
+                "size 2, the model 4 (--config.model.patch_size):"),
+      ("bigger", "checkpoint has 17 positions, model expects 5: pass "
+                 "--config.resample_posemb")):
+    rc = main.run(["main", *TINY, f"--config.init={files[name]}",
+                   f"--workdir={files['workdir']}_{name}"])
+    line = one_error_line(rc, capfd)
+    assert message in line, line
+    if name != "bigger":
+      assert f"init checkpoint {files[name]} " in line
+      assert "positions" not in line
 
 
 @pytest.mark.parametrize("args,message", [
