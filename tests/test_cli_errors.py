@@ -6,6 +6,8 @@ line, starting with `error:`, and no traceback.
 
 import json
 import os
+import pickle
+import shutil
 
 import jax
 import numpy as np
@@ -269,3 +271,79 @@ def test_relative_paths(saved_run, monkeypatch, capfd):
   out, err = capfd.readouterr()
   assert "error:" not in out + err and "Traceback" not in out + err
 
+
+class _Payload:
+  """Unpickling this would create a directory: it must never happen."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.makedirs, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """Hugging Face directories written by transformers (tiny, random weights):
+  DeiT, BEiT, and ViT ones with a damaged or pickled weights file."""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  d = tmp_path_factory.mktemp("hf")
+  size = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=32, image_size=8, patch_size=4,
+              num_channels=1, num_labels=3)
+  torch.manual_seed(0)
+  for name, model in (
+      ("deit", transformers.DeiTForImageClassificationWithTeacher(
+          transformers.DeiTConfig(**size))),
+      ("beit", transformers.BeitForImageClassification(
+          transformers.BeitConfig(**size))),
+      ("vit", transformers.ViTForImageClassification(
+          transformers.ViTConfig(**size)))):
+    model.save_pretrained(str(d / name))
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  out = {name: str(d / name) for name in ("deit", "beit", "vit")}
+  for name in ("truncated", "payload", "numpy_pickle", "broken_zip"):
+    os.makedirs(d / name)
+    shutil.copy(d / "vit" / "config.json", d / name / "config.json")
+    out[name] = str(d / name)
+  data = (d / "vit" / "model.safetensors").read_bytes()
+  (d / "truncated" / "model.safetensors").write_bytes(data[:len(data) // 2])
+  out["marker"] = str(d / "unpickled")
+  torch.save({"vit.embeddings.cls_token": _Payload(out["marker"])},
+             str(d / "payload" / "pytorch_model.bin"))
+  with open(d / "numpy_pickle" / "pytorch_model.bin", "wb") as f:
+    pickle.dump({k: v.numpy() for k, v in state.items()}, f)
+  torch.save(state, str(d / "broken_zip" / "pytorch_model.bin"))
+  data = (d / "broken_zip" / "pytorch_model.bin").read_bytes()
+  (d / "broken_zip" / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
+  return out
+
+
+@pytest.mark.parametrize("name,message", [
+    ("deit", "{deit} is a Hugging Face 'deit' model "
+             "(DeiTForImageClassificationWithTeacher); convert reads 'vit' "
+             "(ViTForImageClassification, ViTModel, ViTForMaskedImageModeling) "
+             "directories"),
+    ("beit", "{beit} is a Hugging Face 'beit' model "
+             "(BeitForImageClassification); convert reads 'vit'"),
+    ("truncated", "model.safetensors in {truncated} is damaged "
+                  "(SafetensorError: Error while deserializing header"),
+    ("payload", "{payload} holds pytorch_model.bin, a pickle that is not a "
+                "weights-only PyTorch file (it refers to os.makedirs) and is "
+                "never unpickled here"),
+    ("numpy_pickle", "{numpy_pickle} holds pytorch_model.bin, a pickle that "
+                     "is not a weights-only PyTorch file (pickle opcode"),
+    ("broken_zip", "pytorch_model.bin in {broken_zip} is damaged ("),
+])
+def test_convert_hf_directory(name, message, hf_dirs, tmp_path, capfd):
+  """Other HF model types, damaged and pickled weights: one line each."""
+  capfd.readouterr()  # What building the directories printed.
+  rc = convert.main([f"--from={hf_dirs[name]}", "--to=npz",
+                     f"--out={tmp_path / 'o.npz'}"])
+  line = one_error_line(rc, capfd)
+  assert message.format(**hf_dirs) in line, line
+  if name in ("payload", "numpy_pickle", "broken_zip"):
+    assert "model.save_pretrained(DIR, safe_serialization=True)" in line
+  assert not os.path.exists(hf_dirs["marker"])
+  assert not (tmp_path / "o.npz").exists()

@@ -161,6 +161,8 @@ def load_source(args, log=print):
     return _load_timm(args, log)
   flags = _flag_overrides(args)
   base = models.get_config(args.model) if args.model else {}
+  if os.path.isdir(src):
+    hf_lib.check_model_type(src)
   if os.path.isdir(src) and hf_lib.is_hf_dir(src):
     sd, config = hf_lib.read(src)
     params, cfg, labels = hf_lib.to_ours(sd, config)
