@@ -87,8 +87,9 @@ def test_load_init_options(pretrained_npz):
                      r", model expects 65: pass --config.resample_posemb"):
     checkpoint.load_init(_init(32, 3), _cfg(path, resample_posemb=False),
                          (8, 8), log=print)
-  # Another width: the mismatches are listed.
-  with pytest.raises(errors.Error, match="do not fit the model"):
+  # Another width: the fields that differ are named.
+  with pytest.raises(errors.Error, match=r"has width 16, the model 32 \(--config"
+                     r"\.model\.hidden_size\); MLP width 32, the model 64"):
     checkpoint.load_init(_init(16, 10, hidden_size=32, mlp_dim=64), _cfg(path),
                          (4, 4), log=print)
   # A scanned model loads per-block checkpoints (stacked on the fly).

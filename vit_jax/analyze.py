@@ -37,6 +37,7 @@ from absl import logging
 
 from vit_jax import errors
 from vit_jax import model_source
+from vit_jax import paths
 
 ANALYSES = ("distance", "posemb", "rollout", "filters")
 
@@ -375,6 +376,9 @@ def run(argv):
   what = parse_what(_WHAT.value)
   image_size = parse_image_size(_IMAGE_SIZE.value)
   logging.set_verbosity(logging.WARNING)
+  for name in ("workdir", "init", "output_dir", "data_dir"):
+    FLAGS[name].value = paths.absolute(FLAGS[name].value)
+  FLAGS["dataset"].value = paths.absolute_dataset(FLAGS["dataset"].value)
   if not FLAGS.init and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
     raise errors.Error(f"--workdir={FLAGS.workdir} does not exist")
   params, model, name = model_source.load(FLAGS, image_size)

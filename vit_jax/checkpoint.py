@@ -488,6 +488,73 @@ def _match_layout(source, target_flat):
   return flat
 
 
+# What the parameter shapes say about the model: (name in messages, model
+# field, regex of the parameter read, how its shape gives the value). Read off
+# the layout the model uses (per-block or stacked, see `_match_layout`).
+_STRUCTURE = (
+    ("width", "hidden_size",
+     r"^(Transformer/encoder_norm/scale|embedding/bias|cls)$",
+     lambda shape: shape[-1]),
+    ("heads", "num_heads",
+     r"^Transformer/encoderblock(_0)?/MultiHeadDotProductAttention_1/query/"
+     r"kernel$", lambda shape: shape[-2]),
+    ("MLP width", "mlp_dim",
+     r"^Transformer/encoderblock(_0)?/MlpBlock_3/Dense_0/kernel$",
+     lambda shape: shape[-1]),
+    ("patch size", "patch_size", r"^embedding/kernel$",
+     lambda shape: shape[0] if shape[0] == shape[1] else tuple(shape[:2])),
+)
+
+
+def _depth(flat):
+  """Number of encoder blocks of a flat tree (per-block or stacked)."""
+  stacked = flat.get("Transformer/encoderblock/LayerNorm_0/scale")
+  if stacked is not None:
+    return np.shape(stacked)[0]
+  blocks = {m.group(1) for m in (
+      re.match(r"^Transformer/encoderblock_(\d+)/", k) for k in flat) if m}
+  return len(blocks) or None
+
+
+def _structure_differences(source, target, skipped):
+  """[(field, "width 32, the model 16 (--config.model.hidden_size)"), ...].
+
+  Only parameters that are loaded are read (`skipped(key)`: a "don't load"
+  entry).
+  """
+  diffs = []
+  for what, field, pattern, read in _STRUCTURE:
+    keys = sorted(k for k in target
+                  if re.match(pattern, k) and k in source and not skipped(k))
+    if keys:
+      ours, theirs = read(np.shape(target[keys[0]])), read(
+          np.shape(source[keys[0]]))
+      if ours != theirs:
+        diffs.append((field, f"{what} {theirs}, the model {ours} "
+                             f"(--config.model.{field})"))
+  ours, theirs = _depth(target), _depth(source)
+  if ours and theirs and ours != theirs:
+    diffs.append(("num_layers", f"depth {theirs}, the model {ours} "
+                                "(--config.model.num_layers)"))
+  return diffs
+
+
+def _check_structure(source, target, skipped, path, depth=False):
+  """errors.Error naming the width, heads, ... in which the init checkpoint
+  differs from the model, when it does.
+
+  A depth of its own is no error unless `depth` (per-block checkpoints load
+  the blocks both have); with another difference it is named too.
+  """
+  diffs = _structure_differences(source, target, skipped)
+  if depth or any(field != "num_layers" for field, _ in diffs):
+    if diffs:
+      raise errors.Error(
+          f"init checkpoint {path} has {'; '.join(t for _, t in diffs)}: "
+          "set the model fields to the checkpoint's (or its variant with "
+          "--config.model_name)")
+
+
 def _resample_posemb(key, value, target, grid, prefix, resample, path):
   """Position embeddings resampled to the model's grid."""
   n_old, n_new = value.shape[1], target.shape[1]
@@ -575,10 +642,15 @@ def load_init(init_params, config, grid, log=print, report=None):
   target = {k: np.asarray(v) for k, v in flatten(init_params).items()}
   source = _match_layout(_read_init(path), target)
   dont_load = [re.compile(r) for r in (config.get("dont_load") or ())]
+
+  def skipped(key):
+    return any(r.search(key) for r in dont_load)
+
+  _check_structure(source, target, skipped, path)
   prefix = 1 if "cls" in target else 0
   out, kept, mismatched = {}, [], []
   for key, init in target.items():
-    if any(r.search(key) for r in dont_load):
+    if skipped(key):
       out[key] = init
       kept.append(key)
       continue
@@ -594,7 +666,8 @@ def load_init(init_params, config, grid, log=print, report=None):
       kept.append(key)
       continue
     value = np.asarray(value)
-    if key.endswith("pos_embedding") and value.shape != init.shape:
+    if (key.endswith("pos_embedding") and value.shape != init.shape
+        and value.shape[::2] == init.shape[::2]):  # Only positions differ.
       value = _resample_posemb(key, value, init, grid, prefix,
                                config.get("resample_posemb"), path)
     if (key.endswith(npz.RELATIVE_BIAS) and value.ndim == init.ndim
@@ -606,6 +679,7 @@ def load_init(init_params, config, grid, log=print, report=None):
       continue
     out[key] = value.astype(init.dtype)
   if mismatched:
+    _check_structure(source, target, skipped, path, depth=True)
     raise errors.Error(
         f"{len(mismatched)} parameter shapes in {path} do not fit the model "
         f"({'; '.join(mismatched)}): check --config.model_name and "

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from vit_jax import errors
 from vit_jax import model_source
+from vit_jax import paths
 
 # Own flag namespace: importable beside other command-line modules.
 FLAGS = flags.FlagValues()
@@ -168,10 +169,13 @@ def run(argv):
   logging.set_verbosity(logging.WARNING)
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
-  evaluate(FLAGS.workdir, _CONFIG.value, init=FLAGS.init,
-           model_name=FLAGS.model,
+  config = _CONFIG.value
+  if config is not None:
+    paths.absolute_config(config)
+  evaluate(paths.absolute(FLAGS.workdir), config,
+           init=paths.absolute(FLAGS.init), model_name=FLAGS.model,
            overrides=model_source.parse_overrides(FLAGS.override),
-           use_ema=FLAGS.use_ema, output_dir=_OUTPUT_DIR.value)
+           use_ema=FLAGS.use_ema, output_dir=paths.absolute(_OUTPUT_DIR.value))
 
 
 def main():

@@ -5,8 +5,10 @@
       --config.init=ViT-B_16.npz --workdir=/tmp/ft [--config.field=value ...]
 
 Running the same command again resumes from the newest checkpoint in the
-workdir. Compiled programs are kept in a persistent compilation cache
-(`--compilation_cache=DIR`; default $VIT_JAX_CACHE, else
+workdir. Relative paths (the workdir, `--config.init`, `--config.data_dir`,
+a `folder:` dataset) are taken from the current directory and recorded
+absolute in DIR/config.json. Compiled programs are kept in a persistent
+compilation cache (`--compilation_cache=DIR`; default $VIT_JAX_CACHE, else
 $XDG_CACHE_HOME/vit_jax/xla or ~/.cache/vit_jax/xla; '' turns it off), so
 a repeated or resumed run does not compile them again. Several processes
 (hosts) join with `--distributed` (or `config.distributed`, or the
@@ -26,6 +28,7 @@ from ml_collections import config_flags
 
 from vit_jax import compilation_cache
 from vit_jax import errors
+from vit_jax import paths
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: configs/<name>.py[:arg].",
@@ -89,16 +92,17 @@ def run(argv):
   if message:
     return _fail(message)
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  config = paths.absolute_config(_CONFIG.value)
+  workdir = paths.absolute(_WORKDIR.value)
   try:
     from vit_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.maybe_initialize_distributed(
         _DISTRIBUTED.value or bool(config.get("distributed")))
     import jax  # pylint: disable=g-import-not-at-top
-    compilation_cache.setup(_COMPILATION_CACHE.value,
+    compilation_cache.setup(paths.absolute(_COMPILATION_CACHE.value),
                             log=print if jax.process_index() == 0 else None)
     from vit_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, workdir)
   except errors.Error as e:
     return _fail(e)
   return 0

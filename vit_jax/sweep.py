@@ -45,6 +45,7 @@ from absl import flags
 
 from vit_jax import compilation_cache
 from vit_jax import errors
+from vit_jax import paths
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("config", None, "Sweep file (defines get_sweep()).",
@@ -245,6 +246,7 @@ def run(argv_):
   if not FLAGS.config or not FLAGS.workdir:
     raise errors.Error("pass --config=experiments/<name>/sweep.py and "
                        "--workdir=ROOT")
+  FLAGS.workdir = paths.absolute(FLAGS.workdir)
   extra = {}
   for item in FLAGS.set:
     key, sep, value = item.partition("=")

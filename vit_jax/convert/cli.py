@@ -22,6 +22,7 @@ import numpy as np
 
 from vit_jax import errors
 from vit_jax import npz
+from vit_jax import paths
 from vit_jax import sizes
 from vit_jax.convert import bit as bit_lib
 from vit_jax.convert import core
@@ -163,6 +164,8 @@ def load_source(args, log=print):
     return _load_timm(args, log)
   flags = _flag_overrides(args)
   base = models.get_config(args.model) if args.model else {}
+  if os.path.isdir(src):
+    hf_lib.check_model_type(src)
   if os.path.isdir(src) and hf_lib.is_hf_dir(src):
     sd, config = hf_lib.read(src)
     params, cfg, labels = hf_lib.to_ours(sd, config)
@@ -232,6 +235,8 @@ def _flags(fields):
 def run(args, log=print):
   """Performs the conversion; returns the parity figures (or {})."""
   from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
+  for key in ("src", "out", "timm_kwargs"):
+    setattr(args, key, paths.absolute(getattr(args, key)))
   if bit_lib.is_workdir(args.src):  # A BiT ResNet: timm's ResNetV2 only.
     return bit_lib.convert_workdir(args, log)
   params, cfg, labels, kind, source = load_source(args, log)

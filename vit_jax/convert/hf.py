@@ -7,15 +7,21 @@ Three classes can hold our models (docs/design.md §5):
   * `ViTForMaskedImageModeling`: mask token + SimMIM decoder (1x1 conv + pixel shuffle).
 Files use the 4.x parameter names, which transformers 4.x and 5.x both load. HF ViT
 has a cls token and N+1 positions hard-wired and no hybrid stem: gap / MAP pooling
-and hybrids are refused (timm, or the .npz, can take them).
+and hybrids are refused (timm, or the .npz, can take them). Import reads directories
+whose config.json says `model_type: vit`, weights from model.safetensors or a
+weights-only pytorch_model.bin (nothing is unpickled); another model type (DeiT,
+BEiT, ...) and a damaged or pickled weights file are one-line errors.
 """
 
 import json
 import os
+import pickle
 import re
+import warnings
 
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import npz
 from vit_jax import sizes
 from vit_jax.convert import core
@@ -207,33 +213,108 @@ def export(params, cfg, out_dir, labels=None):
   return arch, notes
 
 
+def _first_line(e):
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:200]
+
+
+def _read_safetensors(path, directory):
+  """{name: numpy array} of model.safetensors; a damaged file is an Error."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except (safetensors.SafetensorError, OSError) as e:
+    raise errors.Error(
+        f"model.safetensors in {directory} is damaged ({_first_line(e)}): "
+        "write it again, e.g. model.save_pretrained(DIR)") from None
+
+
+def _read_torch(path, directory):
+  """{name: float32 numpy} of pytorch_model.bin, read weights-only.
+
+  `torch.load(weights_only=True)` refuses anything but tensors and plain
+  containers, so nothing is unpickled; a file it refuses or cannot read is an
+  Error.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  fix = ("if you trust it, load it with transformers and save it as "
+         "safetensors: model.save_pretrained(DIR, safe_serialization=True)")
+  try:
+    with warnings.catch_warnings():  # E.g. about the pickle protocol.
+      warnings.simplefilter("ignore")
+      sd = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    name = re.search(r"GLOBAL ([\w.]+)", str(e))
+    opcode = re.search(r"Unsupported operand (\d+)", str(e))
+    what = (f" (it refers to {name.group(1)})" if name else
+            f" (pickle opcode {opcode.group(1)})" if opcode else "")
+    raise errors.Error(
+        f"{directory} holds pytorch_model.bin, a pickle that is not a "
+        f"weights-only PyTorch file{what} and is never unpickled here; "
+        f"{fix}") from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise errors.Error(
+        f"pytorch_model.bin in {directory} is damaged ({_first_line(e)}): "
+        "download it again, or write it as safetensors from where it loads: "
+        "model.save_pretrained(DIR, safe_serialization=True)") from None
+  if not isinstance(sd, dict) or not all(
+      torch.is_tensor(v) for v in sd.values()):
+    raise errors.Error(
+        f"pytorch_model.bin in {directory} is not a state dict ({{name: "
+        f"tensor}}); {fix}")
+  return {k: v.float().numpy() for k, v in sd.items()}
+
+
 def read(path):
-  """Reads an HF ViT directory -> ({name: numpy array}, config dict)."""
+  """Reads an HF ViT directory -> ({name: numpy array}, config dict).
+
+  The weights come from model.safetensors, else from pytorch_model.bin read
+  weights-only (nothing is unpickled); a damaged or refused file is one
+  `errors.Error`.
+  """
   with open(os.path.join(path, "config.json")) as f:
     config = json.load(f)
   st = os.path.join(path, "model.safetensors")
   if os.path.exists(st):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(st), config
+    return _read_safetensors(st, path), config
   bin_path = os.path.join(path, "pytorch_model.bin")
   if os.path.exists(bin_path):
-    import torch  # pylint: disable=g-import-not-at-top
-    sd = torch.load(bin_path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in sd.items()}, config
+    return _read_torch(bin_path, path), config
   raise FileNotFoundError(
       f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
 
 
-def is_hf_dir(path):
-  """True for a directory holding an HF ViT config.json."""
+def model_type(path):
+  """The `model_type` of DIR/config.json, or None (no such file or field: a
+  training workdir's config.json has none)."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
-    return False
+    return None
   with open(cfg_path) as f:
     try:
-      return json.load(f).get("model_type") == "vit"
+      config = json.load(f)
     except json.JSONDecodeError:
-      return False
+      return None
+  return config.get("model_type") if isinstance(config, dict) else None
+
+
+def is_hf_dir(path):
+  """True for a directory holding an HF ViT config.json."""
+  return model_type(path) == "vit"
+
+
+def check_model_type(path):
+  """An Error for a Hugging Face directory of another model type than ViT."""
+  found = model_type(path)
+  if found is None or found == "vit":
+    return
+  with open(os.path.join(path, "config.json")) as f:
+    archs = json.load(f).get("architectures") or ()
+  arch = f" ({', '.join(map(str, archs))})" if archs else ""
+  raise errors.Error(
+      f"{path} is a Hugging Face {found!r} model{arch}; convert reads 'vit' "
+      f"({', '.join(ARCHITECTURES)}) directories")
 
 
 def _canonical_names(sd):
