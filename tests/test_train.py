@@ -4,12 +4,17 @@
 - a run SIGKILLed three times (once during a checkpoint write) and resumed
   each time ends bitwise equal to an uninterrupted one, with the same
   metrics.jsonl rows;
+- a run on a 2 x 2 mesh stopped after a checkpoint resumes on 2 devices,
+  data parallel, and ends where the uninterrupted run does, within float
+  tolerance;
 - SIGTERM saves a checkpoint and exits cleanly, with config.json,
   metrics.jsonl and TensorBoard events in the workdir.
 """
 
 import glob
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +31,7 @@ from vit_jax import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
-from test_sharding import losses, tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_sharding import assert_states_close, final_state, losses, tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,6 +202,49 @@ def test_three_sigkills_and_resumes_are_bitwise_equal(tmp_path):
   sigkill_and_resume(
       tmp_path, TINY + ["--config.total_steps=24",
                         "--config.checkpoint_steps=1"], 24, kills=3)
+
+
+def test_resume_on_another_device_count_and_mesh(tmp_path):
+  """A run on 4 devices as a 2 x 2 mesh (model parallel, FSDP) stopped after
+  its checkpoint at step 4 finishes on 2 devices (data parallel only) where
+  the uninterrupted run ends.
+
+  The stopped run is the uninterrupted run's workdir as it stood after step
+  4: its checkpoint at step 4 (the state a run stopped there saves: the same
+  computation) and its rows up to step 4. Sums over other devices round
+  differently: the losses and gradient norms of steps 5-8 agree within 1e-5
+  relative, the final state within 1e-4 of each tree's largest magnitude
+  (`assert_states_close`).
+  """
+  args = [a for a in TINY if not a.startswith((
+      "--config.total_steps", "--config.checkpoint_steps",
+      "--config.evals.eval.every"))]
+  args += ["--config.total_steps=8", "--config.checkpoint_steps=4",
+           "--config.evals.eval.every=-1"]
+  full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+  rc, out = _finish(_main(
+      args + ["--config.mesh=(('data', 2), ('model', 2))", "--config.fsdp=True",
+              "--config.fsdp_min_size=64", f"--workdir={full}"], _env(4)))
+  assert rc == 0, out[-3000:]
+  step, want = final_state(full)
+  assert step == 8
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+  with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in metrics.read_jsonl(full)
+                 if r["step"] <= 4)
+  rc, out = _finish(_main(args + [f"--workdir={resumed}"], _env(2)))
+  assert rc == 0, out[-3000:]
+  assert "resumed from the checkpoint at step 4" in out, out[-3000:]
+  assert [r["step"] for r in metrics.read_jsonl(resumed)
+          if "train/loss" in r] == list(range(1, 9))  # Steps 1-4 not rerun.
+  for key in ("train/loss", "train/grad_norm"):
+    got, ref = losses(resumed, key), losses(full, key)
+    assert len(got) == len(ref) == 8
+    np.testing.assert_allclose(got[4:], ref[4:], rtol=1e-5, err_msg=key)
+  step, got = final_state(resumed)
+  assert step == 8
+  assert_states_close(got, want)
 
 
 # SimMIM on digits, tiny: 16x16 images, 4 px patches and mask cells.

@@ -386,6 +386,30 @@ def _restore_numpy(mngr, step):
             "state"]
 
 
+def latest_state(workdir):
+  """The newest readable checkpoint of a training workdir, as numpy.
+
+  Returns:
+    (step, state): the state's "params", "opt_state", "rng", "step" (and
+    "ema") as numpy arrays.
+  """
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = []
+  if os.path.isdir(ckpt_dir):
+    mngr = _read_only_manager(ckpt_dir)
+    steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise errors.Error(f"no checkpoint in {ckpt_dir}: train first")
+  problems = []
+  for step in steps:
+    try:
+      return step, _restore_numpy(mngr, step)
+    except Exception as e:  # pylint: disable=broad-except
+      problems.append(f"step {step}: {_first_line(e)}")
+  raise errors.Error(
+      f"no readable checkpoint in {ckpt_dir}: " + "; ".join(problems))
+
+
 def latest_params(workdir, use_ema=False):
   """Newest parameters of a training workdir, as numpy, and its config.
 
@@ -399,28 +423,13 @@ def latest_params(workdir, use_ema=False):
   """
   workdir = os.path.abspath(workdir)
   config = config_utils.load_config(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = []
-  if os.path.isdir(ckpt_dir):
-    mngr = _read_only_manager(ckpt_dir)
-    steps = sorted(mngr.all_steps(), reverse=True)
-  if not steps:
-    raise errors.Error(f"no checkpoint in {ckpt_dir}: train first")
-  problems = []
-  for step in steps:
-    try:
-      state = _restore_numpy(mngr, step)
-    except Exception as e:  # pylint: disable=broad-except
-      problems.append(f"step {step}: {_first_line(e)}")
-      continue
-    if use_ema:
-      if "ema" not in state:
-        raise errors.Error(
-            f"{workdir} has no EMA parameters (optim.ema_decay was 0)")
-      return state["ema"], config
-    return state["params"], config
-  raise errors.Error(
-      f"no readable checkpoint in {ckpt_dir}: " + "; ".join(problems))
+  _, state = latest_state(workdir)
+  if use_ema:
+    if "ema" not in state:
+      raise errors.Error(
+          f"{workdir} has no EMA parameters (optim.ema_decay was 0)")
+    return state["ema"], config
+  return state["params"], config
 
 
 def model_from_workdir(workdir, use_ema=False):
