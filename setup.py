@@ -32,7 +32,7 @@ TORCH = [
 
 EXTRAS = {
     "torch": TORCH,
-    "test": ["pytest>=8", "scikit-image>=0.22"] + TORCH,
+    "test": ["pytest>=8", "portpicker>=1.6"] + TORCH,
     "tf": ["tensorflow>=2.16"],
     "gpu": ["jax[cuda13]"],
 }

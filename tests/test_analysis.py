@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 
 from vit_jax import analyze
+from vit_jax import data
 from vit_jax import errors
 from vit_jax import models
 from vit_jax import npz
@@ -237,9 +238,29 @@ def test_cli_end_to_end(tiny_npz, tmp_path, capsys):
     record = json.load(f)
   distances = np.array(record["mean_attention_distance"])
   assert distances.shape == (2, 2)  # [layers][heads]
-  # Between 0 and the largest distance between two patch centres of 4x4.
-  assert np.all(distances > 0) and np.all(distances < 12 * math.sqrt(2))
   assert record["num_images"] == 12 and record["grid"] == [4, 4]
+  # By hand: the model's attention on the first 12 test digits, cls token
+  # dropped, each query's row over the 16 patches renormalised, weighted by
+  # the distance between patch centres (4 px apart), averaged over queries.
+  model = models.create("testing", **TINY)
+  assert model.num_prefix_tokens == 1
+  images = next(data.eval_batches(data.get_source("digits", "test"), 12,
+                                  (16, 16)))["image"]
+  _, out = model.apply({"params": npz.load_npz(tiny_npz)}, images,
+                       train=False, output_attentions=True)
+  centres = [((i + 0.5) * 4, (j + 0.5) * 4) for i in range(4) for j in range(4)]
+  want = np.zeros((2, 2))
+  for layer in range(2):
+    weights = np.asarray(out[f"block{layer}/attention"], np.float64)
+    for head in range(2):
+      total = 0.0
+      for image in range(12):
+        for q in range(16):
+          row = weights[image, head, 1 + q, 1:]
+          total += sum(row[k] / row.sum() * math.dist(centres[q], centres[k])
+                       for k in range(16))
+      want[layer, head] = total / (12 * 16)
+  np.testing.assert_allclose(distances, want, rtol=1e-5)
   assert "layer 1 mean" in printed.out and "layer 2 mean" in printed.out
   print(printed.out)  # The summary, for `pytest -s`.
 

@@ -15,6 +15,9 @@ from vit_jax.convert import timm as timm_lib
 
 
 def test_throughput_reports_rates_flops_and_peers(capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  pytest.importorskip("transformers")
   status = bench.main([
       "bench", "throughput", "--model=testing", "--batch=8",
       "--image_size=32", "--steps=1", "--repeats=1", "--peers",
@@ -81,6 +84,9 @@ def test_reference_model_is_ours_with_stock_flax_modules():
 
 
 def test_peers_are_the_converters_models():
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  pytest.importorskip("transformers")
   cfg = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=40,
              patch_size=8, image_size=32, num_classes=10, hidden_act="gelu")
   nets, skipped = throughput.peer_models(cfg)
@@ -98,6 +104,8 @@ def test_peers_are_the_converters_models():
 
 
 def test_peers_that_cannot_express_the_model_are_skipped():
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
   cfg = dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
              patch_size=8, image_size=32, num_classes=10, classifier="gap")
   nets, skipped = throughput.peer_models(cfg)

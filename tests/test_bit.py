@@ -2,7 +2,8 @@
 
 Parity is with timm's ResNetV2 as built by `timm.create_model(
 "resnetv2_50x1_bit")`: parameter counts of the registered variants, outputs
-of a small network on the same weights, and exports that timm loads.
+of a small network on the same weights, and exports that timm loads. The
+timm comparisons are skipped where torch and timm are not installed.
 """
 
 import os
@@ -11,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import timm
-import torch
 
 from vit_jax import checkpoint
 from vit_jax import config_utils
@@ -51,6 +50,7 @@ def _count(model, size=224):
 
 
 def _timm_count(name, device=None):
+  timm = pytest.importorskip("timm")
   kw = {} if device is None else {"device": device}
   net = timm.create_model(name, pretrained=False, **kw)
   return sum(p.numel() for p in net.parameters())
@@ -77,6 +77,8 @@ def test_parameter_counts_of_other_timm_models(name, timm_name):
 
 def _random_timm(layers=(1, 1, 1, 1), num_classes=10, seed=0):
   """A small timm BiT ResNetV2 with non-trivial GroupNorm affines and head."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("timm")
   torch.manual_seed(seed)
   net = bit.create_timm(dict(layers=list(layers), width_factor=1,
                              num_classes=num_classes))
@@ -107,6 +109,7 @@ def test_to_timm_from_timm_round_trip(timm_net):
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 48)])
 def test_outputs_match_timm(timm_net, size):
+  torch = pytest.importorskip("torch")
   sd = {k: v.numpy() for k, v in timm_net.state_dict().items()}
   params = bit.from_timm(sd)
   model = models.create("BiT-R50x1", image_size=size, **bit.model_fields(sd))
@@ -129,6 +132,8 @@ def test_outputs_match_timm(timm_net, size):
 
 
 def test_registered_names_load_into_timm_create_model():
+  torch = pytest.importorskip("torch")
+  timm = pytest.importorskip("timm")
   model = models.create("BiT-R50x1", num_classes=7)
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   shapes = jax.eval_shape(model.init, {"params": RNG}, images)["params"]
@@ -231,6 +236,8 @@ def test_tiny_bit_trains_checkpoints_and_converts(capfd, tmp_path):
   assert logits.shape == (2, 10)
 
   # The workdir converts to timm's ResNetV2, checked against it.
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("timm")
   dest = str(tmp_path / "bit.pth")
   diffs = cli.run(cli.parser().parse_args(
       [f"--from={workdir}", "--to=timm", f"--out={dest}", "--verify"]))

@@ -181,7 +181,7 @@ def test_split_unused():
 def test_finetune_from_npz_through_main(pretrained_npz, tmp_path, capfd,
                                        monkeypatch):
   import folder_fixture  # pylint: disable=g-import-not-at-top
-  path, _ = pretrained_npz
+  path, pre = pretrained_npz
   root = folder_fixture.make_image_folder(
       str(tmp_path / "images"), classes=("a", "b", "c"),
       splits={"train": 8, "test": 2}, image_size=(32, 32))
@@ -196,14 +196,25 @@ def test_finetune_from_npz_through_main(pretrained_npz, tmp_path, capfd,
       "--config.model.patch_size=4", "--config.total_steps=2",
       "--config.batch_size=8", "--config.eval_batch_size=8",
       "--config.progress=False", f"--config.init={path}",
-      f"--workdir={workdir}"])
+      "--config.optim.frozen=^(?!head/)", f"--workdir={workdir}"])
   out = capfd.readouterr()
   assert rc == 0, out
   params, config = checkpoint.latest_params(workdir)
   assert config.init == path
   assert params["head"]["kernel"].shape == (16, 3)
-  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (
-      1, 65, 16)
+  # Everything but the head is frozen, so the trained parameters are those
+  # training started from: the .npz's, bitwise (the position table resampled
+  # to the 8x8 grid, its cls row kept), not a random initialisation.
+  flat, flat_pre = checkpoint.flatten(params), checkpoint.flatten(pre)
+  key = "Transformer/posembed_input/pos_embedding"
+  assert flat[key].shape == (1, 65, 16)
+  np.testing.assert_array_equal(flat[key][:, 0], flat_pre[key][:, 0])
+  assert set(flat) == set(flat_pre)
+  for name in sorted(set(flat) - {key, "head/kernel", "head/bias"}):
+    np.testing.assert_array_equal(flat[name], flat_pre[name], err_msg=name)
+  # The head (3 classes, not the checkpoint's 10) started from zeros and
+  # trained.
+  assert np.any(flat["head/kernel"] != 0)
 
 
 def test_restore_onto_another_mesh(tmp_path):

@@ -103,6 +103,10 @@ MAIN = [
     (["--config.task=nope"], "unknown task 'nope'"),
     (["--config.evals.eval.type=nope"], "unknown evaluator type 'nope'"),
     (["--config.loss=mse"], "--config.task=regression"),
+    (["--config.task=regression", "--config.evals.eval.type=classification"],
+     "evals.eval: the classification evaluator reads logits, but the model of "
+     "the regression task outputs values: use --config.evals.eval.type="
+     "regression"),
     (["--config.model.classifier=avg"], "unknown classifier 'avg'"),
     (["--config.model.patch_size=(4,4,4)"], "patch_size must be an int or"),
     (["--config.model_name=R26+S/32", "--config.model.patch_size=1",

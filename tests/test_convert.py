@@ -3,7 +3,9 @@
 Tiny models (width 32, 2 layers, 4 heads, 16x16 or 16x24 images, patch 4). Every case
 exports, loads the export with the real library (no missing / unexpected keys, no
 tensor left unset), compares outputs of ours and theirs on the same batch (fp32,
-max |Δ| <= 1e-4), then converts back and compares parameters bitwise.
+max |Δ| <= 1e-4), then converts back and compares parameters bitwise. A test
+that needs torch, transformers, timm or safetensors (the `torch` extra) is
+skipped where they are not installed; the rest run without them.
 """
 
 import json
@@ -11,8 +13,6 @@ import json
 import jax
 import numpy as np
 import pytest
-import torch  # pylint: disable=unused-import
-import transformers
 
 from vit_jax import npz
 from vit_jax import sizes
@@ -84,6 +84,8 @@ def _assert_params_equal(a, b, skip=()):
 
 @pytest.mark.parametrize("name", list(HF_CASES))
 def test_hf_round_trip(tmp_path, name):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
   cfg, params = _case(HF_CASES[name])
   arch, notes = hf.export(params, cfg, tmp_path / "hf")
   diffs = parity.verify_hf(tmp_path / "hf", params, cfg, arch)
@@ -127,6 +129,7 @@ def test_hf_arch_choice():
 
 
 def test_hf_labels_in_config(tmp_path):
+  transformers = pytest.importorskip("transformers")
   cfg, params = _case({})
   names = ["ant", "bee", "cat", "dog", "eel"]
   hf.export(params, cfg, tmp_path, labels=names)
@@ -139,6 +142,7 @@ def test_hf_labels_in_config(tmp_path):
 @pytest.mark.parametrize("safe", [True, False])
 def test_hf_saved_by_transformers_converts_back(tmp_path, safe):
   """Checkpoints written by transformers itself (5.x names in memory, .bin or safetensors)."""
+  transformers = pytest.importorskip("transformers")
   cfg, params = _case(dict(decoder=True, use_mask_token=True, num_classes=0))
   hf.export(params, cfg, tmp_path / "ours")
   model = transformers.ViTForMaskedImageModeling.from_pretrained(tmp_path / "ours")
@@ -159,6 +163,8 @@ def test_hf_saved_by_transformers_converts_back(tmp_path, safe):
 
 @pytest.mark.parametrize("name", list(TIMM_CASES))
 def test_timm_export(tmp_path, name):
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
   cfg, params = _case(TIMM_CASES[name])
   path = tmp_path / "timm.npz"
   kw, kw_path, _ = timm_conv.export(params, cfg, path)
@@ -178,6 +184,8 @@ def test_timm_export(tmp_path, name):
 
 
 def test_timm_kwargs_build_the_matching_model():
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("timm")
   kw = timm_conv.kwargs(core.full_config(dict(BASE, classifier="gap", mlp_dim=37)))
   from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
   model = VisionTransformer(**kw)
@@ -189,6 +197,8 @@ def test_timm_kwargs_build_the_matching_model():
 
 def test_timm_wrong_head_size_is_caught(tmp_path):
   """timm silently skips a head of the wrong size; the NaN fill exposes it."""
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
   cfg, params = _case({})
   kw, _, _ = timm_conv.export(params, cfg, tmp_path / "t.npz")
   with pytest.raises(parity.ParityError, match="head.weight"):
@@ -244,6 +254,7 @@ def test_infer_model_config():
 def test_cli_refuses_relative_posemb_in_one_line(tmp_path, capsys, classifier):
   """An .npz of a posemb="relative" model is inferred as such, kept by --to=npz and
   refused by --to=hf / --to=timm with one line naming it."""
+  pytest.importorskip("safetensors")
   cfg, params = _case(dict(posemb="relative", classifier=classifier))
   path = tmp_path / "rel.npz"
   npz.save_npz(path, params)
@@ -273,6 +284,8 @@ def npz_file(tmp_path_factory):
 
 
 def test_cli_npz_to_hf_to_npz(tmp_path, npz_file, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
   path, params = npz_file
   common = ["--image_size=16,24", "--hidden_act=gelu", "--verify"]
   assert cli.main([f"--from={path}", "--to=hf", f"--out={tmp_path / 'hf'}"] + common) == 0
@@ -289,6 +302,8 @@ def test_cli_npz_to_hf_to_npz(tmp_path, npz_file, capsys):
 
 
 def test_cli_timm_and_failures(tmp_path, npz_file, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
   path, _ = npz_file
   args = [f"--from={path}", "--image_size=16,24", "--hidden_act=gelu"]
   assert cli.main(args + ["--to=timm", f"--out={tmp_path / 't.npz'}", "--verify"]) == 0
@@ -308,6 +323,7 @@ def test_cli_timm_and_failures(tmp_path, npz_file, capsys):
 
 def test_cli_workdir_source_with_scanned_blocks(tmp_path, capsys):
   """A real orbax checkpoint + config.json, trained layout stacked (scan=True)."""
+  transformers = pytest.importorskip("transformers")
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint, config_utils  # pylint: disable=g-import-not-at-top
   config = config_utils.default_config()

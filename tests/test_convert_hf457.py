@@ -23,6 +23,11 @@ from vit_jax.convert import hf
 from vit_jax.convert import parity
 from tests.test_convert import BASE, make_params, _assert_params_equal  # pylint: disable=g-bad-import-order
 
+# Our side of the parity check exports safetensors and runs the subprocess
+# on this environment's torch.
+pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
 REQUIREMENTS = ("transformers==4.57.*", "huggingface_hub>=0.34,<1.0",
                 "tokenizers>=0.22,<0.23")
 _OFFLINE = ("No matching distribution", "Could not find a version",

@@ -15,16 +15,17 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
-import timm
-from timm.models import vision_transformer as vt
 
 from vit_jax import checkpoint
 from vit_jax import npz
 from vit_jax import sizes
 from vit_jax.convert import cli
 from vit_jax.convert import core
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+save_file = pytest.importorskip("safetensors.torch").save_file
+vt = pytest.importorskip("timm.models.vision_transformer")
 
 TOL = 1e-5
 BASE = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)

@@ -14,6 +14,7 @@
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -299,3 +300,90 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
   assert config.resolved.num_classes == 10
   assert params["head"]["kernel"].shape == (16, 10)
   assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
+
+
+def _interrupt_after_new_rows(proc, workdir, rows, signum, timeout=180):
+  """Sends `signum` once metrics.jsonl holds `rows` more training rows than
+  when called; returns (exit status, output)."""
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+
+  def count():
+    if not os.path.exists(jsonl):
+      return 0
+    return len([r for r in metrics.read_jsonl(workdir) if "train/loss" in r])
+
+  before = count()
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if count() >= before + rows:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()[0][-3000:]
+  proc.send_signal(signum)
+  return _finish(proc)
+
+
+def test_sigint_saves_checkpoint_and_resume_continues(tmp_path):
+  """Ctrl-C as SIGTERM: a checkpoint at the step reached, exit 0; the same
+  command resumes from it and goes on."""
+  workdir = str(tmp_path / "run")
+  args = TINY + ["--config.total_steps=100000", f"--workdir={workdir}"]
+  env = _env(8, tmp_path / "cache")
+  rc, out = _interrupt_after_new_rows(_main(args, env), workdir, 2,
+                                      signal.SIGINT)
+  assert rc == 0, out[-3000:]
+  assert "stopped by SIGINT" in out and "Traceback" not in out
+  first = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(first) == 1 and first[0] >= 2
+  rc, out = _interrupt_after_new_rows(_main(args, env), workdir, 1,
+                                      signal.SIGINT)
+  assert rc == 0, out[-3000:]
+  assert f"resumed from the checkpoint at step {first[0]}" in out
+  assert "stopped by SIGINT" in out
+  steps = sorted(int(s) for s in os.listdir(
+      os.path.join(workdir, "checkpoints")))
+  assert steps[-1] > first[0]
+  logged = [r["step"] for r in metrics.read_jsonl(workdir)
+            if "train/loss" in r]
+  assert logged[:first[0]] == list(range(1, first[0] + 1))
+  assert logged[-1] == steps[-1]
+
+
+def test_distributed_flag(tmp_path):
+  """--distributed calls jax.distributed.initialize: without a coordinator
+  that is one error line; with one (a single process on localhost) the run
+  trains as usual."""
+  plain = _env(8)
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+               "JAX_PROCESS_ID"):
+    plain.pop(name, None)
+  workdir = str(tmp_path / "run")
+  rc, out = _finish(_main(TINY + ["--distributed", f"--workdir={workdir}"],
+                          plain))
+  assert rc == 1, out[-3000:]
+  lines = [l for l in out.splitlines() if l.strip()]
+  assert lines[-1].startswith("error: cannot join a multi-process run"), out
+  assert "JAX_COORDINATOR_ADDRESS" in lines[-1] and "Traceback" not in out
+  port = portpicker.pick_unused_port()
+  rc, out = _finish(_main(TINY + ["--distributed", f"--workdir={workdir}"],
+                          _env(8, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                               JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")))
+  assert rc == 0, out[-3000:]
+  assert [r["step"] for r in metrics.read_jsonl(workdir)
+          if "train/loss" in r] == [1, 2, 3]
+
+
+def test_second_run_loads_programs_from_the_compilation_cache(tmp_path):
+  cache = str(tmp_path / "cache")
+  loaded = []
+  for i in range(2):
+    rc, out = _finish(_main(
+        TINY + [f"--compilation_cache={cache}",
+                f"--workdir={tmp_path / str(i)}"], _env(8)))
+    assert rc == 0, out[-3000:]
+    times = [l for l in out.splitlines() if l.startswith("time: ")]
+    assert len(times) == 1, out[-3000:]
+    found = re.search(r", loaded (\d+) from the compilation cache in ",
+                      times[0])
+    loaded.append(int(found.group(1)) if found else 0)
+  assert loaded[0] == 0 and loaded[1] > 0, loaded

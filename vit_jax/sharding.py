@@ -54,7 +54,15 @@ def maybe_initialize_distributed(requested=False):
           "JAX_PROCESS_ID is not: set all three")
     kwargs = dict(coordinator_address=addr, num_processes=int(nproc),
                   process_id=int(pid))
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+    raise errors.Error(
+        f"cannot join a multi-process run ({first}): set JAX_COORDINATOR_"
+        "ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run where JAX "
+        "detects the cluster (e.g. SLURM); drop --distributed for one "
+        "process") from None
   return True
 
 

@@ -304,6 +304,8 @@ def _train_and_evaluate(config, workdir, devices, clock):
       config, image_size, num_channels, task.model_fields)
   if hasattr(task, "check"):
     task.check(model, image_size)
+  evals = evaluators_lib.for_task(
+      config, task, log=print if jax.process_index() == 0 else None)
   rng = jax.random.PRNGKey(config.seed)
   dummy = jnp.zeros((1, *image_size, num_channels), jnp.float32)
 
@@ -446,7 +448,7 @@ def _train_and_evaluate(config, workdir, devices, clock):
         image_size=list(image_size), num_channels=num_channels,
         model_kwargs=model_kwargs, class_names=class_names)})
 
-  # Evaluators, from config.evals.
+  # Evaluators, from config.evals fitted to the task.
   def predict_fn(params, images, **kwargs):
     return model.apply({"params": params}, images, train=False, **kwargs)
 
@@ -457,8 +459,8 @@ def _train_and_evaluate(config, workdir, devices, clock):
       num_channels=num_channels, seed=int(config.seed), workdir=workdir,
       log=log, strict_images=strict_images, class_names=class_names)
   evaluators = []
-  for name, cfg in (config.get("evals") or {}).items():
-    if cfg is None or int(cfg.get("every", 0) or 0) < 0:
+  for name, cfg in evals.items():
+    if int(cfg.get("every", 0) or 0) < 0:
       continue
     every, evaluator = evaluators_lib.create(name, cfg, predict_fn, mesh,
                                              context)

@@ -5,6 +5,8 @@ import optax
 
 from vit_jax.evaluators import common
 
+READS = "logits"  # The task output it reads (see vit_jax.tasks).
+
 
 class Evaluator(common.SplitEvaluator):
   """Top-1 accuracy and mean cross-entropy of a split.

@@ -49,6 +49,8 @@ from vit_jax import xla_options
 from vit_jax.evaluators import common
 from vit_jax.evaluators import ridge
 
+READS = None  # A representation, not the task's output: any task.
+
 PIXELS = "pixels"
 
 

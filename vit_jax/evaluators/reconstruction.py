@@ -27,6 +27,8 @@ from vit_jax import masking
 from vit_jax import sharding
 from vit_jax.evaluators import common
 
+READS = "reconstruction"  # The task output it reads (see vit_jax.tasks).
+
 
 def _to_uint8(images):
   return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0,

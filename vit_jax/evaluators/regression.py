@@ -4,6 +4,8 @@ import jax.numpy as jnp
 
 from vit_jax.evaluators import common
 
+READS = "values"  # The task output it reads (see vit_jax.tasks).
+
 
 class Evaluator(common.SplitEvaluator):
   """Mean squared and absolute error of the model's single output.

@@ -7,6 +7,12 @@ defines `Task(config, source)` with
 
 - `model_fields`: the model fields the task needs (`num_classes`,
   `decoder`, ...); they override the config's `model` fields;
+- `output` (optional): what the model's output is under this task
+  (`"logits"`, `"values"`, `"reconstruction"`); an evaluator whose module
+  declares another `READS` cannot read it;
+- `default_evals` (optional): the task's own evaluators, as `config.evals`
+  entries, used in place of the config's entries that cannot read `output`
+  (see `vit_jax.evaluators.for_task`);
 - `loss(model, params, batch, rngs)`: the mean loss of a (micro)batch and a
   dict of scalar metrics, traced inside the jitted update step. `batch` holds
   the loader's arrays plus `index`, each example's position in the global

@@ -16,6 +16,9 @@ LOSSES = ("softmax_xent", "sigmoid_xent")
 class Task:
   """Cross-entropy of the model's logits against one-hot labels."""
 
+  output = "logits"
+  default_evals = {"eval": dict(type="classification", every=500)}
+
   def __init__(self, config, source):
     self.loss_name = config.get("loss") or "softmax_xent"
     if self.loss_name not in LOSSES:

@@ -2,7 +2,8 @@
 
 The source's `label` is the target (a float; see `vit_jax.data` for sources
 with float labels). The model has `num_classes=1` outputs and no
-representation layer unless the config adds one.
+representation layer unless the config adds one. Its evaluator is
+`regression` (MSE and MAE over the evaluation split).
 """
 
 from vit_jax import losses
@@ -10,6 +11,9 @@ from vit_jax import losses
 
 class Task:
   """MSE of the model's single output against float targets."""
+
+  output = "values"
+  default_evals = {"eval": dict(type="regression", every=500)}
 
   def __init__(self, config, source):
     del config, source

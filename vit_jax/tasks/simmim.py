@@ -48,11 +48,16 @@ def masks(model, step_rng, indices, image_size, ratio, mask_unit):
 class Task:
   """Reconstruct masked patches; masked L1 loss."""
 
+  output = "reconstruction"
+
   def __init__(self, config, source):
     del source
     self.ratio, self.mask_unit = mask_settings(config)
     masking.num_masked(1, self.ratio)  # Validates the ratio.
     self.model_fields = dict(decoder=True, num_classes=0)
+    self.default_evals = {"reconstruction": dict(
+        type="reconstruction", every=500, mask_ratio=self.ratio,
+        mask_unit=self.mask_unit)}
 
   def check(self, model, image_size):
     """Errors for a mask unit that does not fit the model and images."""
