@@ -136,8 +136,8 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
   try:
     evaluator = fewshot.Evaluator(predict_fn, mesh, log=log,
                                   **config.to_dict())
-    for what, paths in evaluator.skipped.items():
-      log(data.skipped_warning(paths, what, hint=None))
+    for what, files in evaluator.skipped.items():
+      log(data.skipped_warning(files, what, hint=None))
     report = evaluator.report(params)
   except (ValueError, FileNotFoundError) as e:  # Config or missing data.
     raise errors.Error(str(e)) from None
