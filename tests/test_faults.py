@@ -24,27 +24,10 @@ from vit_jax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# 4 steps of a tiny ViT on the digits; checkpoints at steps 2 and 4.
-TINY = [
-    "--config=configs/digits.py:runlocal", "--config.total_steps=4",
-    "--config.log_steps=1", "--config.evals.eval.every=0",
-    "--config.checkpoint_steps=2", "--config.evals.fewshot.every=-1",
-    "--config.progress=False", "--config.batch_size=16",
-    "--config.eval_batch_size=120", "--config.image_size=(8, 8)",
-    "--config.model.hidden_size=16", "--config.model.mlp_dim=32",
-    "--config.model.num_heads=4", "--config.model.patch_size=4",
-]
-
-
-@pytest.fixture(autouse=True)
-def _in_repo_root(monkeypatch):
-  monkeypatch.chdir(ROOT)
-
-
-def _run(capfd, *args):
-  rc = main.run(["vit_jax.main", *args])
-  out, err = capfd.readouterr()
-  return rc, out + err
+# TINY: 4 steps of a tiny ViT on the digits, checkpoints at steps 2 and 4;
+# `_run` runs main in this process; `_in_repo_root` (autouse) runs each test
+# in the repository's root.
+from test_main import TINY, _in_repo_root, _run  # pylint: disable=g-bad-import-order,unused-import,wrong-import-position
 
 
 def _error_line(out):
@@ -151,15 +134,8 @@ def test_diverging_run_keeps_only_finite_checkpoints(capfd, tmp_path):
   assert not os.path.isdir(ckpts) or not os.listdir(ckpts)
 
 
-def test_flipped_bit_is_damage_and_falls_back(capfd, workdir):
-  # One bit flipped in the middle of each data file (the arrays are stored
-  # uncompressed: the checkpoint still reads, with other values).
-  for data_file in _state_files(workdir, 4):
-    with open(data_file, "r+b") as f:
-      f.seek(os.path.getsize(data_file) // 2)
-      byte = f.read(1)[0]
-      f.seek(-1, os.SEEK_CUR)
-      f.write(bytes([byte ^ 0x10]))
+def _resumes_from_step_2(capfd, workdir):
+  """Resuming says step 4 is damaged, sets it aside and goes on from 2."""
   rc, out = _run(capfd, *TINY, "--config.total_steps=6",
                  f"--workdir={workdir}")
   assert rc == 0, out
@@ -167,6 +143,32 @@ def test_flipped_bit_is_damage_and_falls_back(capfd, workdir):
   assert "resumed from the checkpoint at step 2" in out, out
   assert "Traceback" not in out
   assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "4"))
+  return [l for l in out.splitlines() if "is damaged" in l][0]
+
+
+def test_flipped_bit_is_damage_and_falls_back(capfd, workdir):
+  # One bit flipped in the middle of each data file.
+  for data_file in _state_files(workdir, 4):
+    with open(data_file, "r+b") as f:
+      f.seek(os.path.getsize(data_file) // 2)
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 0x10]))
+  _resumes_from_step_2(capfd, workdir)
+
+
+def test_array_unlike_its_checksum_is_damage(capfd, workdir):
+  # As an array with a flipped bit that the storage layer did not notice:
+  # the checksum stored for it no longer matches what reads back.
+  path = os.path.join(workdir, "checkpoints", "4", "data", "metadata")
+  with open(path) as f:
+    stored = json.load(f)
+  name = "params/head/kernel"
+  stored["checksums"][name] ^= 1 << 5
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  line = _resumes_from_step_2(capfd, workdir)
+  assert f"checksum mismatch in 1 array(s): {name}" in line, line
 
 
 def test_garbage_data_state_falls_back(capfd, workdir):
@@ -176,12 +178,7 @@ def test_garbage_data_state_falls_back(capfd, workdir):
   stored["data"] = "{garbage"
   with open(path, "w") as f:
     json.dump(stored, f)
-  rc, out = _run(capfd, *TINY, "--config.total_steps=6",
-                 f"--workdir={workdir}")
-  assert rc == 0, out
-  assert "checkpoint at step 4 is damaged" in out, out
-  assert "resumed from the checkpoint at step 2" in out, out
-  assert "Traceback" not in out
+  _resumes_from_step_2(capfd, workdir)
 
 
 def test_resume_rewrites_metrics_past_the_checkpoint(capfd, workdir):

@@ -166,6 +166,7 @@ def _item_handlers(state_handler=ocp.StandardCheckpointHandler):
 def _read_only_manager(directory):
   """An orbax manager that lists the checkpoints of `directory` and reads
   their state as numpy arrays."""
+  _quiet_orbax_failures()
   with _quiet_absl():
     return ocp.CheckpointManager(
         os.path.abspath(directory),
