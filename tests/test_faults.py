@@ -46,6 +46,18 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def resumed_from_2(trained, tmp_path_factory):
+  """The state of the trained run resumed from its step-2 checkpoint (step
+  4's removed) and trained to step 6: where a fall-back to step 2 must end."""
+  path = str(tmp_path_factory.mktemp("from2") / "w")
+  shutil.copytree(trained, path)
+  shutil.rmtree(os.path.join(path, "checkpoints", "4"))
+  assert main.run(["vit_jax.main", *TINY, "--config.total_steps=6",
+                   f"--workdir={path}"]) == 0
+  return checkpoint.latest_state(path)
+
+
 @pytest.fixture
 def workdir(trained, tmp_path):
   """A fresh copy of the trained workdir."""
@@ -134,8 +146,10 @@ def test_diverging_run_keeps_only_finite_checkpoints(capfd, tmp_path):
   assert not os.path.isdir(ckpts) or not os.listdir(ckpts)
 
 
-def _resumes_from_step_2(capfd, workdir):
-  """Resuming says step 4 is damaged, sets it aside and goes on from 2."""
+def _resumes_from_step_2(capfd, workdir, reference):
+  """Resuming says step 4 is damaged, sets it aside and goes on from 2, to
+  the state of a clean resume from step 2 (`reference`), bit for bit (the
+  same computation on the same devices)."""
   rc, out = _run(capfd, *TINY, "--config.total_steps=6",
                  f"--workdir={workdir}")
   assert rc == 0, out
@@ -143,10 +157,17 @@ def _resumes_from_step_2(capfd, workdir):
   assert "resumed from the checkpoint at step 2" in out, out
   assert "Traceback" not in out
   assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "4"))
+  step, state = checkpoint.latest_state(workdir)
+  assert step == reference[0] == 6
+  assert jax.tree.structure(state) == jax.tree.structure(reference[1])
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(state),
+                          jax.tree.leaves(reference[1])):
+    np.testing.assert_array_equal(x, y, err_msg=str(path))
   return [l for l in out.splitlines() if "is damaged" in l][0]
 
 
-def test_flipped_bit_is_damage_and_falls_back(capfd, workdir):
+def test_flipped_bit_is_damage_and_falls_back(capfd, workdir,
+                                              resumed_from_2):
   # One bit flipped in the middle of each data file.
   for data_file in _state_files(workdir, 4):
     with open(data_file, "r+b") as f:
@@ -154,10 +175,10 @@ def test_flipped_bit_is_damage_and_falls_back(capfd, workdir):
       byte = f.read(1)[0]
       f.seek(-1, os.SEEK_CUR)
       f.write(bytes([byte ^ 0x10]))
-  _resumes_from_step_2(capfd, workdir)
+  _resumes_from_step_2(capfd, workdir, resumed_from_2)
 
 
-def test_array_unlike_its_checksum_is_damage(capfd, workdir):
+def test_array_unlike_its_checksum_is_damage(capfd, workdir, resumed_from_2):
   # As an array with a flipped bit that the storage layer did not notice:
   # the checksum stored for it no longer matches what reads back.
   path = os.path.join(workdir, "checkpoints", "4", "data", "metadata")
@@ -167,18 +188,18 @@ def test_array_unlike_its_checksum_is_damage(capfd, workdir):
   stored["checksums"][name] ^= 1 << 5
   with open(path, "w") as f:
     json.dump(stored, f)
-  line = _resumes_from_step_2(capfd, workdir)
+  line = _resumes_from_step_2(capfd, workdir, resumed_from_2)
   assert f"checksum mismatch in 1 array(s): {name}" in line, line
 
 
-def test_garbage_data_state_falls_back(capfd, workdir):
+def test_garbage_data_state_falls_back(capfd, workdir, resumed_from_2):
   path = os.path.join(workdir, "checkpoints", "4", "data", "metadata")
   with open(path) as f:
     stored = json.load(f)
   stored["data"] = "{garbage"
   with open(path, "w") as f:
     json.dump(stored, f)
-  _resumes_from_step_2(capfd, workdir)
+  _resumes_from_step_2(capfd, workdir, resumed_from_2)
 
 
 def test_resume_rewrites_metrics_past_the_checkpoint(capfd, workdir):
