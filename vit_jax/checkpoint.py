@@ -300,14 +300,15 @@ class Manager:
   def _set_aside(self, step, error):
     """Moves a damaged checkpoint out of the manager's directory; returns
     what was wrong, in a few words."""
-    dest = os.path.join(self._corrupt_dir, str(step))
+    dest, n = os.path.join(self._corrupt_dir, str(step)), 0
+    while os.path.exists(dest):  # Set aside before: both are kept.
+      n += 1
+      dest = os.path.join(self._corrupt_dir, f"{step}.{n}")
     problem = f"step {step}: {_first_line(error)}"
     self._log(f"checkpoint at step {step} is damaged ({_first_line(error)})"
               f"; moved it to {dest} and falling back to the previous one")
     if jax.process_index() == 0:
       os.makedirs(self._corrupt_dir, exist_ok=True)
-      if os.path.exists(dest):
-        shutil.rmtree(dest)
       shutil.move(os.path.join(self.directory, str(step)), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
