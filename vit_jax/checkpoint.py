@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -118,21 +119,26 @@ def _quiet_absl():
 
 class _OrbaxFailuresToDebug(logging.Filter):
   """Orbax reports a failed background save (a full disk, say) from each of
-  its threads: absl errors with tracebacks, and asyncio's "Task exception
-  was never retrieved" for every array. The Manager raises one Error naming
+  its threads: absl errors with tracebacks, and asyncio's "Task (or Future)
+  exception was never retrieved" for every array and file. The Manager raises one Error naming
   the cause instead; these records go to the debug level."""
 
   def filter(self, record):
-    if record.levelno < logging.ERROR:
-      return True
-    if record.name == "asyncio":
-      failed = "orbax" in record.getMessage()
-    else:
-      failed = f"{os.sep}orbax{os.sep}" in record.pathname
-    if not failed:
+    if record.levelno < logging.ERROR or not _from_orbax(record):
       return True
     record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _from_orbax(record):
+  """Whether a log record comes from orbax: logged by it, or (asyncio's
+  reports of an exception nobody retrieved) naming it or raised through it."""
+  inside = f"{os.sep}orbax{os.sep}"
+  if inside in record.pathname or "orbax" in record.getMessage():
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  return tb is not None and any(inside in frame.filename
+                                for frame in traceback.extract_tb(tb))
 
 
 def _unraisable_hook(previous):
