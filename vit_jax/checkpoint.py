@@ -44,11 +44,6 @@ flatten = npz.flatten
 unflatten = npz.unflatten
 
 
-def _first_line(e):
-  lines = [l for l in str(e).strip().splitlines() if l.strip()]
-  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 class Damaged(Exception):
   """A checkpoint that cannot be used as it is on disk."""
 
@@ -120,8 +115,9 @@ def _quiet_absl():
 class _OrbaxFailuresToDebug(logging.Filter):
   """Orbax reports a failed background save (a full disk, say) from each of
   its threads: absl errors with tracebacks, and asyncio's "Task (or Future)
-  exception was never retrieved" for every array and file. The Manager raises one Error naming
-  the cause instead; these records go to the debug level."""
+  exception was never retrieved" for every array and file. The Manager
+  raises one Error naming the cause instead; these records go to the debug
+  level."""
 
   def filter(self, record):
     if record.levelno < logging.ERROR or not _from_orbax(record):
@@ -216,8 +212,8 @@ class Manager:
               else "no earlier checkpoint exists")
     return errors.Error(
         f"cannot write the checkpoint at step {step} to {self.directory} "
-        f"({_first_line(error)}); {intact}: free space on that disk or pass "
-        "another --workdir")
+        f"({errors.first_line(error, 300)}); {intact}: free space on that "
+        "disk or pass another --workdir")
 
   def save(self, step, state, data_state):
     """Starts an asynchronous save of `state` (pytree) and `data_state`
@@ -310,9 +306,9 @@ class Manager:
     while os.path.exists(dest):  # Set aside before: both are kept.
       n += 1
       dest = os.path.join(self._corrupt_dir, f"{step}.{n}")
-    problem = f"step {step}: {_first_line(error)}"
-    self._log(f"checkpoint at step {step} is damaged ({_first_line(error)})"
-              f"; moved it to {dest} and falling back to the previous one")
+    cause = errors.first_line(error, 300)
+    self._log(f"checkpoint at step {step} is damaged ({cause}); moved it to "
+              f"{dest} and falling back to the previous one")
     if jax.process_index() == 0:
       os.makedirs(self._corrupt_dir, exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), dest)
@@ -320,7 +316,7 @@ class Manager:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._mngr.reload()
-    return problem
+    return f"step {step}: {cause}"
 
 
 def _verify(state, expected):
@@ -366,7 +362,8 @@ def _check_compatible(stored, expected, step, directory):
   elif bool(s_ema) != bool(e_ema):
     what, detail, fix = "EMA", (
         f"the checkpoint {'has' if s_ema else 'has no'} EMA parameters, this "
-        f"config {'keeps' if e_ema else 'keeps none'}"), "--config.optim.ema_decay"
+        f"config {'keeps' if e_ema else 'keeps none'}"), (
+            "--config.optim.ema_decay")
   elif differ("opt_state"):
     what, detail, fix = "optimizer", (
         f"its optimizer state has {len(part(stored, 'opt_state'))} arrays, "
@@ -413,7 +410,7 @@ def latest_state(workdir):
     try:
       return step, _restore_numpy(mngr, step)
     except Exception as e:  # pylint: disable=broad-except
-      problems.append(f"step {step}: {_first_line(e)}")
+      problems.append(f"step {step}: {errors.first_line(e, 300)}")
   raise errors.Error(
       f"no readable checkpoint in {ckpt_dir}: " + "; ".join(problems))
 

@@ -15,6 +15,15 @@ class Error(ValueError):
   """A problem the user can fix; CLIs print it as one line."""
 
 
+def first_line(error, limit=None):
+  """`Type: first line` of an exception's message (its first non-empty
+  line; the type alone for an empty message), cut to `limit` characters:
+  the cause of a failure inside an `Error` of one line."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+  return text[:limit] if limit else text
+
+
 def fail(message):
   """Prints `error: <message>` as one line on stderr; returns exit status 1."""
   text = " ".join(str(message).split())

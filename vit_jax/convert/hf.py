@@ -213,11 +213,6 @@ def export(params, cfg, out_dir, labels=None):
   return arch, notes
 
 
-def _first_line(e):
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:200]
-
-
 def _read_safetensors(path, directory):
   """{name: numpy array} of model.safetensors; a damaged file is an Error."""
   import safetensors  # pylint: disable=g-import-not-at-top
@@ -226,7 +221,8 @@ def _read_safetensors(path, directory):
     return load_file(path)
   except (safetensors.SafetensorError, OSError) as e:
     raise errors.Error(
-        f"model.safetensors in {directory} is damaged ({_first_line(e)}): "
+        f"model.safetensors in {directory} is damaged "
+        f"({errors.first_line(e, 200)}): "
         "write it again, e.g. model.save_pretrained(DIR)") from None
 
 
@@ -255,7 +251,8 @@ def _read_torch(path, directory):
         f"{fix}") from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise errors.Error(
-        f"pytorch_model.bin in {directory} is damaged ({_first_line(e)}): "
+        f"pytorch_model.bin in {directory} is damaged "
+        f"({errors.first_line(e, 200)}): "
         "download it again, or write it as safetensors from where it loads: "
         "model.save_pretrained(DIR, safe_serialization=True)") from None
   if not isinstance(sd, dict) or not all(

@@ -247,11 +247,6 @@ def _refuse(feature, reason):
                          f"{reason}; keep the model in timm")
 
 
-def _first_line(e):
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _sniff(path):
   """'safetensors', 'torch' (zip or pickle written by torch.save) or None."""
   size = os.path.getsize(path)
@@ -294,7 +289,7 @@ def read_state_dict(path):
       sd = load_file(str(path), device="cpu")
     except Exception as e:  # pylint: disable=broad-except
       raise errors.Error(f"{path} is not a readable safetensors file "
-                         f"({_first_line(e)})") from None
+                         f"({errors.first_line(e)})") from None
   elif kind == "torch":
     import torch  # pylint: disable=g-import-not-at-top
     try:
@@ -371,7 +366,7 @@ def _create(model_name, kw, what):
     return vt.VisionTransformer(**build_kw)
   except (RuntimeError, TypeError, AssertionError, ValueError, KeyError) as e:
     raise errors.Error(f"timm could not build {what} with {kw}: "
-                       f"{_first_line(e)}") from None
+                       f"{errors.first_line(e)}") from None
 
 
 def _is_identity(module):
