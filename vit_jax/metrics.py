@@ -110,7 +110,7 @@ def _drop_rows_after(path, step):
       continue  # A line cut short by a kill.
     if row_step <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
-  if len(kept) == len(lines):
+  if kept == lines:
     return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
