@@ -29,7 +29,8 @@ Point `<setting>_s<seed>` trains in `ROOT/<point>/` as
 a point whose workdir holds `sweep_done.json` is skipped, and an interrupted
 one resumes from its newest checkpoint (`main` does that by itself). At the
 end (and with `--collect`) `ROOT/results.jsonl` holds one row per finished
-point and `ROOT/results.md` the table: mean ± std over seeds per setting
+point (its metrics, wall time, and the CPU and package versions it ran on:
+`vit_jax.environment`) and `ROOT/results.md` the table: mean ± std over seeds per setting
 (std with ddof=1), printed too.
 """
 
@@ -44,6 +45,7 @@ import time
 from absl import flags
 
 from vit_jax import compilation_cache
+from vit_jax import environment
 from vit_jax import errors
 from vit_jax import paths
 
@@ -176,7 +178,8 @@ def run_point(name, setting, seed, root, log=print):
                        "sweep again to resume it")
   with open(done + ".tmp", "w") as f:
     json.dump({"point": name, "setting": setting["name"], "seed": seed,
-               "seconds": time.time() - start, "metrics": metrics}, f,
+               "seconds": time.time() - start, "metrics": metrics,
+               "environment": environment.describe()}, f,
               indent=2)
   os.replace(done + ".tmp", done)
   log(f"{name}: finished in {time.time() - start:.0f} s")
