@@ -16,30 +16,36 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "grain", "tensorflow-datasets", "ml-collections")
 
 
-def cpu_model():
-  """The CPU's model name (from /proc/cpuinfo; the platform's name else)."""
+def _cpuinfo():
+  """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if not line.strip():
+          break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine() or "unknown"
+  return fields
+
+
+def cpu_model():
+  """The CPU's model name with its family and model numbers (a generic name
+  such as "Intel(R) Xeon(R) Processor" covers several generations)."""
+  info = _cpuinfo()
+  name = info.get("model name") or platform.processor() or platform.machine()
+  if "cpu family" in info and "model" in info:
+    name += f" (family {info['cpu family']} model {info['model']})"
+  return name or "unknown"
 
 
 def cpu_flags():
   """The CPU's vector extensions that change XLA's and BLAS's kernels."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          have = set(line.split(":", 1)[1].split())
-          return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-                  if f in have]
-  except OSError:
-    pass
-  return []
+  have = set(_cpuinfo().get("flags", "").split())
+  return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+          if f in have]
 
 
 def versions(packages=PACKAGES):
