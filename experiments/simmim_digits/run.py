@@ -16,8 +16,10 @@ For each seed (default 0, 1, 2):
 
 Every run goes through `python -m vit_jax.main` in its own process; a run
 whose workdir already holds its final metrics is not run again (re-running
-resumes). Writes ROOT/results.json and prints the markdown table; with
---out=DIR also DIR/results.md and DIR/simmim_digits.png.
+resumes). Writes ROOT/results.json, ROOT/results.jsonl (one row per seed
+with the CPU and package versions it ran on) and prints the markdown table;
+with --out=DIR also DIR/results.md, DIR/results.jsonl and
+DIR/simmim_digits.png.
 """
 
 import argparse
@@ -28,6 +30,8 @@ import sys
 import time
 
 import numpy as np
+
+from vit_jax import environment
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -160,10 +164,17 @@ def main():
     print(json.dumps({seed: r}), flush=True)
   with open(os.path.join(args.root, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  env = environment.describe()
+  rows = "".join(json.dumps(dict(seed=int(s), **r, environment=env)) + "\n"
+                 for s, r in results.items())
+  with open(os.path.join(args.root, "results.jsonl"), "w") as f:
+    f.write(rows)
   text = table(results)
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
+      f.write(rows)
     with open(os.path.join(args.out, "results.md"), "w") as f:
       f.write(text + "\n")
     plot(results, os.path.join(args.out, "simmim_digits.png"))
