@@ -52,7 +52,12 @@ def test_fewshot_bench_agrees_with_sklearn(capsys):
       assert (result["ridgecv_l2_per_shots"][p]
               == result["loo_sq_l2_per_shots"])
   assert list(result["agreement"]) == peers
-  assert result["accuracies_agree"]
+  assert result["accuracies_within_one_example_except_big_vision"]
+  for p, a in result["agreement"].items():
+    assert a["within_one_example"] == (a["max_difference_in_test_examples"]
+                                       <= 1)
+    assert a["fit"] == ("(shots, seed)" if p.startswith("ridgecv")
+                        else "(shots, seed, l2)")
   # Same design and targets: the same test accuracy for every (shots, seed,
   # l2) up to a near-tie of one test example (float32 against float64).
   for p in ("cholesky", "big_vision"):
@@ -67,10 +72,17 @@ def test_fewshot_bench_prints_a_table(capsys):
   args = TINY + ["--peers=ridgecv_eigen"]
   assert bench.main(["bench", "fewshot"] + args) == 0
   out = capsys.readouterr().out
-  assert "peer/ours" in out and "accuracies agree: True" in out
-  assert "RidgeCV(gcv_mode='eigen')" in out and "RidgeClassifier" not in out
-  assert ("same L2 as ours (least LOO squared error), ridgecv_eigen: 4 of 4"
+  assert "peer/ours" in out
+  # Each agreement line names what was compared, in what unit, against what.
+  assert ("  test accuracy against ours on the same training set and L2 "
+          "(RidgeCV: at its chosen L2), in correctly classified test examples "
+          "of 20:\n    ridgecv_eigen, 4 (shots, seed) fits: " in out)
+  assert ("  ridgecv_eigen: within one test example of ours in every fit: True"
           in out)
+  assert "RidgeCV(gcv_mode='eigen')" in out and "RidgeClassifier" not in out
+  assert ("  chosen L2 per (shots, seed) fit, RidgeCV's alpha_ against ours of "
+          "least LOO squared error" in out)
+  assert "    ridgecv_eigen: the same L2 in 4 of 4 fits, another in 0\n" in out
 
 
 @pytest.mark.parametrize("shots", [2, 8])  # N = 6 < D + 1 = 11 (dual), 24

@@ -37,11 +37,17 @@ squared error of ours ("loo_sq_error"), and the benchmark counts the
 intercept) RidgeCV minimises a different LOO error; how often that choice
 agrees is reported too ("same_l2_with_intercept", untimed). The features are
 synthetic and class-clustered (class means ~ N(0, 0.3²), unit noise,
-float32), the shot sets nested within a seed. The benchmark checks that the
-test accuracies agree (float32 near-ties may flip one test example); those of
-big_vision, whose float32 eigendecomposition of a design with a bias column
-of 100 loses digits at small L2 values, are reported but left out of
-"accuracies_agree".
+float32), the shot sets nested within a seed.
+
+Each peer's test accuracy is compared with ours on the same training set and
+L2 (a RidgeCV peer at the L2 it chose), as the number of correctly classified
+test examples: per peer, in how many fits it differs and by at most how many
+examples ("agreement"). A float32 near-tie may flip one test example, so a
+peer agrees with ours when it is within one test example in every fit
+("within_one_example"); "accuracies_within_one_example_except_big_vision"
+holds when every peer but big_vision does. big_vision's accuracies are
+reported but not required to agree: its float32 eigendecomposition of a
+design with a bias column of 100 loses digits at small L2 values.
 
 The sides run interleaved (ours, ours without LOO, ours' whitening, Gram
 matrices and eigendecompositions alone, each peer; `--repeats` times); each
@@ -50,6 +56,7 @@ are ratios of medians.
 """
 
 import functools
+import math
 import time
 import warnings
 
@@ -290,8 +297,13 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
     gap between our least and second-least LOO squared errors, under which
     a float64 solver may rightly choose the other) and
     "same_l2_with_intercept" (the same
-    count for RidgeCV(eigen, fit_intercept=True), untimed); "agreement" of
-    the test accuracies per peer and "accuracies_agree"; the chosen L2
+    count for RidgeCV(eigen, fit_intercept=True), untimed); "agreement" per
+    peer: of its "fits" (one per "fit": (shots, seed, l2), or (shots, seed)
+    for a RidgeCV peer, at its chosen L2), how many give another number of
+    correctly classified test examples than ours ("fits_that_differ"), by at
+    most how many ("max_difference_in_test_examples"), and
+    "within_one_example";
+    "accuracies_within_one_example_except_big_vision"; the chosen L2
     values. Raises ValueError for bad input.
   """
   if not shots or min(shots) < 1:
@@ -423,16 +435,18 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
   num_test = len(test_y)
   agreement, same_l2, ridgecv_l2 = {}, {}, {}
 
-  def agree(name, acc, ref):
+  def agree(name, acc, ref, fit):
     # Differences in numbers of correctly classified test examples.
     diff = np.rint(np.abs(acc - ref) * num_test).astype(int)
     agreement[name] = dict(fits_that_differ=int((diff > 0).sum()),
                            max_difference_in_test_examples=int(diff.max()),
-                           fits=int(diff.size))
+                           within_one_example=bool(diff.max() <= 1),
+                           fits=int(diff.size), fit=fit)
 
   for p in peers:
     if not p.startswith("ridgecv"):  # Accuracy per (shots, seed, l2).
-      agree(p, np.stack([outputs[p][n] for n in shots]), ours_acc)
+      agree(p, np.stack([outputs[p][n] for n in shots]), ours_acc,
+            "(shots, seed, l2)")
       continue
     chosen = np.stack([outputs[p][n][0] for n in shots])
     acc = np.stack([outputs[p][n][1] for n in shots])
@@ -440,7 +454,8 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
     ridgecv_l2[p] = {str(n): l2s[chosen[i]].tolist()
                      for i, n in enumerate(shots)}
     # Test accuracy at RidgeCV's L2 against ours at the same L2.
-    agree(p, acc, np.take_along_axis(ours_acc, chosen[..., None], -1)[..., 0])
+    agree(p, acc, np.take_along_axis(ours_acc, chosen[..., None], -1)[..., 0],
+          "(shots, seed)")
   same_with_intercept = None
   if "ridgecv_eigen" in peers:
     # Untimed: RidgeCV with an unpenalised intercept on the whitened
@@ -481,9 +496,9 @@ def run(*, classes, dim, shots, seeds, l2_exponents, test_per_class, repeats,
       # Float32 against float64 solvers: a near-tie may flip one example.
       # big_vision is left out: its float32 eigendecomposition with a bias
       # column of 100 (eigenvalue N·10⁴) loses the small eigenvalues' digits.
-      "accuracies_agree": all(a["max_difference_in_test_examples"] <= 1
-                              for p, a in agreement.items()
-                              if p != "big_vision"),
+      "accuracies_within_one_example_except_big_vision": all(
+          a["within_one_example"] for p, a in agreement.items()
+          if p != "big_vision"),
       "mean_accuracy": {str(n): float(ours_acc[i].mean())
                         for i, n in enumerate(shots)},
       "loo_l2_per_shots": {str(n): l2s[ours_best[i]].tolist()
@@ -523,16 +538,36 @@ def report(r):
              if n in r["speedups"] else "")
     print(f"  {names[n]:<{width}}  {sec[n]:7.3f}  {lo[n]:6.3f}-{hi[n]:6.3f}  " +
           " ".join(f"{per[n][c]:7.3f}" for c in shots) + ratio)
+  fits = r["same_l2_fits"]
+  if r["same_l2"] or r["same_l2_with_intercept"] is not None:
+    margin = r["loo_sq_margin"]
+    margin = (f" (in every fit our second least is at least "
+              f"{100 * margin:.2g}% above it)" if math.isfinite(margin) else "")
+    print("  chosen L2 per (shots, seed) fit, RidgeCV's alpha_ against ours of "
+          f"least LOO squared error{margin}:")
   for p, count in r["same_l2"].items():
-    print(f"  same L2 as ours (least LOO squared error), {p}: {count} of "
-          f"{r['same_l2_fits']}")
+    print(f"    {p}: the same L2 in {count} of {fits} fits, another in "
+          f"{fits - count}")
   if r["same_l2_with_intercept"] is not None:
-    print("  same L2 as ours, RidgeCV(eigen, fit_intercept=True) on the "
-          f"features without bias column: {r['same_l2_with_intercept']} of "
-          f"{r['same_l2_fits']}")
-  print(f"  accuracies agree: {r['accuracies_agree']}")
+    count = r["same_l2_with_intercept"]
+    print("    RidgeCV(eigen, fit_intercept=True), features without the bias "
+          f"column: the same L2 in {count} of {fits} fits, another in "
+          f"{fits - count}")
+  print("  test accuracy against ours on the same training set and L2 "
+        "(RidgeCV: at its chosen L2), in correctly classified test examples "
+        f"of {s['test_examples']}:")
   for p, a in r["agreement"].items():
-    print(f"    {p}: {a['fits_that_differ']} of {a['fits']} fits differ, by at "
-          f"most {a['max_difference_in_test_examples']} test example(s)")
+    n = a["fits_that_differ"]
+    differ = (f"{n} differ{'s' if n == 1 else ''}, by at most "
+              f"{a['max_difference_in_test_examples']} test example(s)"
+              if a["fits_that_differ"] else "none differs")
+    print(f"    {p}, {a['fits']} {a['fit']} fits: {differ}")
+  others = [p for p in r["agreement"] if p != "big_vision"]
+  if others:
+    note = (" (big_vision not held to it: float32 round-off at small L2)"
+            if "big_vision" in r["agreement"] else "")
+    print(f"  {', '.join(others)}: within one test example of ours in every "
+          f"fit: {r['accuracies_within_one_example_except_big_vision']}"
+          f"{note}")
   means = ", ".join(f"{n}-shot {v:.3f}" for n, v in r["mean_accuracy"].items())
-  print(f"  mean test accuracy over seeds and L2: {means}")
+  print(f"  our mean test accuracy over seeds and L2 values: {means}")
