@@ -1,4 +1,4 @@
-"""Command line: the ViT paper's analysis figures for a checkpoint.
+r"""Command line: the ViT paper's analysis figures for a checkpoint.
 
   python -m vit_jax.analyze --workdir=DIR [--what=distance,posemb,rollout,filters]
   python -m vit_jax.analyze --init=ViT-B_16.npz --model=B/16 [--image_size=224] \
@@ -35,6 +35,7 @@ import sys
 from absl import flags
 from absl import logging
 
+from vit_jax import cli_help
 from vit_jax import errors
 from vit_jax import model_source
 from vit_jax import paths
@@ -371,6 +372,8 @@ def _run_dataset(workdir, init):
 @errors.command_line
 def run(argv):
   """Runs the command line `argv`; returns the exit status."""
+  if cli_help.requested(argv):
+    return cli_help.show(argv, __doc__, FLAGS)
   FLAGS.unparse_flags()
   FLAGS(argv)
   what = parse_what(_WHAT.value)

@@ -1,4 +1,4 @@
-"""Command line: few-shot linear evaluation of a checkpoint.
+r"""Command line: few-shot linear evaluation of a checkpoint.
 
   python -m vit_jax.fewshot --workdir=DIR [--config=configs/fewshot.py[:arg]]
   python -m vit_jax.fewshot --workdir=OUT --init=ViT-B_16.npz --model=B/16 \
@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_jax import cli_help
 from vit_jax import errors
 from vit_jax import model_source
 from vit_jax import paths
@@ -157,6 +158,8 @@ def evaluate(workdir, fewshot_config=None, init=None, model_name=None,
 @errors.command_line
 def run(argv):
   """Runs the command line `argv`; returns the exit status."""
+  if cli_help.requested(argv):
+    return cli_help.show(argv, __doc__, FLAGS)
   FLAGS.unparse_flags()
   saved, sys.argv = sys.argv, list(argv)  # `--config.x` overrides read it.
   try:

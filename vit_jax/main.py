@@ -1,8 +1,20 @@
-"""Command line: train, evaluate, checkpoint and resume an experiment config.
+r"""Command line: train, evaluate, checkpoint and resume an experiment config.
 
   python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/digits
   python -m vit_jax.main --config=configs/vit.py:B/16,cifar10 \
       --config.init=ViT-B_16.npz --workdir=/tmp/ft [--config.field=value ...]
+  python -m vit_jax.main --config=configs/digits.py [--config.field=value ...] \
+      --show_config
+
+Every field of the config is set with `--config.<field>=<value>` (nested ones
+with dots: `--config.optim.lr=1e-3`); `--show_config` prints them all with
+their values, overrides applied, and exits. The ones most often set:
+`total_steps` (or `total_epochs`), `batch_size`, `optim.lr`,
+`optim.warmup_steps`, `optim.weight_decay`, `seed`, `dataset`, `data_dir`,
+`image_size`, `model_name` and `model.*` (e.g. `model.classifier=gap`),
+`init` (a checkpoint to fine-tune), `log_steps`, `checkpoint_steps`,
+`evals.<name>.every` and `progress` (True: a progress bar; False: plain
+lines every `log_steps` instead).
 
 Running the same command again resumes from the newest checkpoint in the
 workdir. Relative paths (the workdir, `--config.init`, `--config.data_dir`,
@@ -24,8 +36,10 @@ import sys
 
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
+from vit_jax import cli_help
 from vit_jax import compilation_cache
 from vit_jax import errors
 from vit_jax import paths
@@ -42,6 +56,13 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "Directory of the persistent compilation cache ('' turns it off; "
     "default: $VIT_JAX_CACHE, else $XDG_CACHE_HOME/vit_jax/xla, else "
     "~/.cache/vit_jax/xla).")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print the config's fields with their values (the "
+    "--config file with its --config.* overrides), one `field = value` a "
+    "line, and exit without training (no --workdir needed).")
+# The flags of this command, in the order --help lists them.
+FLAG_NAMES = ("config", "workdir", "show_config", "distributed",
+              "compilation_cache")
 
 
 def _fail(message):
@@ -61,9 +82,14 @@ def _parse(argv):
   except errors.Error as e:
     return str(e)
   except (AttributeError, KeyError) as e:  # An override of a missing field.
-    detail = str(e).strip("'\"")
+    # ml_collections: "'name'\nDid you mean \"other\" instead of ...?",
+    # escaped once more when an AttributeError wraps the KeyError's text.
+    text = str(e.args[0] if e.args else e)
+    name = re.match(r"""[\\'"]*([^\\'"\s]*)""", text).group(1)
+    close = re.search(r'Did you mean \\?"([^"\\]+)', text)
+    detail = f"{name} (did you mean {close.group(1)}?)" if close else name
     return (f"unknown config field {detail}: check the --config.<field> "
-            "overrides against the config file")
+            "overrides against the config file (--show_config lists them)")
   except flags.Error as e:
     # A config file's get_config that refused its argument: ml_collections
     # wraps the error in a traceback text; its last line is the message.
@@ -81,16 +107,33 @@ def _parse(argv):
         ("--config=", "-config="))), "")
     return (f"cannot load the config file {path.split(':')[0]}: check the "
             "--config path (e.g. configs/digits.py)")
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and not _SHOW_CONFIG.value:
     return "pass --workdir=DIR (checkpoints, metrics and config go there)"
   return None
 
 
+def config_lines(config, prefix=""):
+  """`field.sub = value` lines of a config: its fields in its (sorted)
+  order, nested ones flattened, values as Python literals."""
+  lines = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and value:
+      lines += config_lines(value, f"{prefix}{key}.")
+    else:  # An empty ConfigDict (e.g. optim.kwargs) shows as {}.
+      value = {} if isinstance(value, ml_collections.ConfigDict) else value
+      lines.append(f"{prefix}{key} = {value!r}")
+  return lines
+
+
 def run(argv):
   """Runs the command line `argv` (argv[0] is the program); returns status."""
+  if cli_help.requested(argv):
+    return cli_help.show(argv, __doc__, flags.FLAGS, FLAG_NAMES)
   message = _parse(argv)
   if message:
     return _fail(message)
+  if _SHOW_CONFIG.value:
+    return cli_help.write("\n".join(config_lines(_CONFIG.value)) + "\n")
   logging.set_verbosity(logging.WARNING)
   config = paths.absolute_config(_CONFIG.value)
   workdir = paths.absolute(_WORKDIR.value)

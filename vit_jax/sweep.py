@@ -44,6 +44,7 @@ import time
 
 from absl import flags
 
+from vit_jax import cli_help
 from vit_jax import compilation_cache
 from vit_jax import environment
 from vit_jax import errors
@@ -244,6 +245,8 @@ def _compilation_cache(root):
 @errors.command_line
 def run(argv_):
   """The command line; returns the exit status."""
+  if cli_help.requested(argv_):
+    return cli_help.show(argv_, __doc__, FLAGS)
   FLAGS.unparse_flags()
   FLAGS(argv_)
   if not FLAGS.config or not FLAGS.workdir:

@@ -1,18 +1,19 @@
 """Writes the untrained digits ViT (configs/digits.py architecture) as .npz.
 
   python experiments/fewshot_digits/random_init_npz.py /tmp/digits_init.npz
+
+The parameters are the model's initialisation with seed 0.
 """
 
-import sys
-
-import jax
-import numpy as np
-
-from vit_jax import models
-from vit_jax import npz
+import argparse
 
 
 def main(path):
+  # Imported here: `--help` answers without loading JAX.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax import npz  # pylint: disable=g-import-not-at-top
   model = models.create(
       "testing", num_classes=10, image_size=(16, 16), num_channels=1,
       patch_size=4, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
@@ -23,4 +24,10 @@ def main(path):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/digits_random_init.npz")
+  parser = argparse.ArgumentParser(
+      prog="python experiments/fewshot_digits/random_init_npz.py",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("path", nargs="?", default="/tmp/digits_random_init.npz",
+                      help="the .npz to write (default: %(default)s)")
+  main(parser.parse_args().path)

@@ -137,9 +137,12 @@ def plot(results, path):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(
+      prog="python experiments/simmim_digits/run.py", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", required=True, help="directory for the runs")
-  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--seeds", default="0,1,2",
+                 help="comma-separated seeds (default: %(default)s)")
   p.add_argument("--out", help="write results.md and the PNG here")
   args = p.parse_args()
   results = {}

@@ -25,6 +25,7 @@ import sys
 
 from absl import flags
 
+from vit_jax import cli_help
 from vit_jax.bench import fewshot
 from vit_jax.bench import pipeline
 from vit_jax.bench import throughput
@@ -45,20 +46,16 @@ def main(argv=None):
   argv = sys.argv if argv is None else list(argv)
   if len(argv) < 2:
     return _error(f"name a benchmark; {USAGE}")
-  if argv[1] in ("-h", "--help", "help"):
-    print(USAGE)
-    return 0
+  if argv[1] == "help" or cli_help.requested(argv[:2]):
+    return cli_help.write(f"{__doc__.strip()}\n")
   name, args = argv[1], argv[2:]
   if name not in BENCHMARKS:
     return _error(f"unknown benchmark {name!r}: choose one of "
                   f"{', '.join(BENCHMARKS)}")
   module = BENCHMARKS[name]
   f = module.FLAGS
-  if any(a in ("-h", "--help", "-help", "--helpshort") for a in args):
-    print(f"usage: python -m vit_jax.bench {name} [--flags] [--json]\n"
-          f"{module.__doc__.strip().splitlines()[0]}\n\n"
-          f"{f.get_help(include_special_flags=False).strip()}")
-    return 0
+  if cli_help.requested(argv[1:]):
+    return cli_help.show(argv[1:], module.__doc__, f)
   f.unparse_flags()
   try:
     rest = f([f"{argv[0]} {name}"] + args)

@@ -47,28 +47,35 @@ def _size(text):
 
 def parser():
   p = _Parser(
-      prog="python -m vit_jax.convert",
-      description="Convert ViT checkpoints between our .npz, Hugging Face and timm.")
+      prog="python -m vit_jax.convert", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--from", dest="src", required=True,
                  help="training workdir, FILE.npz, a Hugging Face ViT directory, or a "
                       "timm VisionTransformer state dict (.safetensors, or .pth/.pt/"
                       ".bin loadable with weights_only=True)")
-  p.add_argument("--to", required=True, choices=("hf", "timm", "npz"))
+  p.add_argument("--to", required=True, choices=("hf", "timm", "npz"),
+                 help="target: Hugging Face ViT, timm VisionTransformer or our "
+                      ".npz layout")
   p.add_argument("--out", required=True,
                  help="hf: a directory; timm: FILE.npz (kwargs go to FILE.json); "
                       "npz: FILE.npz (model fields go to FILE.json)")
   p.add_argument("--verify", action="store_true",
                  help="run ours and theirs on the same batch; fail above --tol")
-  p.add_argument("--tol", type=float, default=1e-4)
+  p.add_argument("--tol", type=float, default=1e-4,
+                 help="--verify: largest allowed absolute difference of the "
+                      "outputs (default: %(default)g)")
   p.add_argument("--model", help="variant (e.g. B/16) whose fields are the defaults "
                  "for what the shapes do not say")
-  p.add_argument("--hidden_act", choices=("gelu_tanh", "gelu"))
-  p.add_argument("--layer_norm_eps", type=float)
+  p.add_argument("--hidden_act", choices=("gelu_tanh", "gelu"),
+                 help="MLP activation, which the shapes do not show")
+  p.add_argument("--layer_norm_eps", type=float,
+                 help="LayerNorm epsilon, which the shapes do not show")
   p.add_argument("--image_size", type=_size, help="N or H,W")
   p.add_argument("--posemb", choices=("learn", "learn2d", "sincos2d", "sincos1d", "none",
                                       "relative"),
                  help="position embedding of a checkpoint without a learned table")
-  p.add_argument("--classifier", choices=("token", "gap", "map", "unpooled"))
+  p.add_argument("--classifier", choices=("token", "gap", "map", "unpooled"),
+                 help="pooling, where the shapes leave it open")
   p.add_argument("--labels", help="class names: comma-separated, or @FILE with one a line")
   p.add_argument("--timm_model", help="timm state dict: the timm model name it "
                  "belongs to (timm.create_model(NAME, pretrained=False))")
