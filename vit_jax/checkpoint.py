@@ -415,39 +415,43 @@ def latest_state(workdir):
       f"no readable checkpoint in {ckpt_dir}: " + "; ".join(problems))
 
 
-def latest_params(workdir, use_ema=False):
+def latest_params(workdir, use_ema=False, with_step=False):
   """Newest parameters of a training workdir, as numpy, and its config.
 
   Args:
     workdir: a directory written by `python -m vit_jax.main`.
     use_ema: return the Polyak-averaged parameters (when they were kept).
+    with_step: also return the step of the checkpoint read.
 
   Returns:
     (params, config): a nested dict of numpy arrays in the layout it was
-    trained in, and the resolved ConfigDict from DIR/config.json.
+    trained in, and the resolved ConfigDict from DIR/config.json; with
+    `with_step`, (params, config, step).
   """
   workdir = os.path.abspath(workdir)
   config = config_utils.load_config(workdir)
-  _, state = latest_state(workdir)
+  step, state = latest_state(workdir)
   if use_ema:
     if "ema" not in state:
       raise errors.Error(
           f"{workdir} has no EMA parameters (optim.ema_decay was 0)")
-    return state["ema"], config
-  return state["params"], config
+  params = state["ema" if use_ema else "params"]
+  return (params, config, step) if with_step else (params, config)
 
 
-def model_from_workdir(workdir, use_ema=False):
+def model_from_workdir(workdir, use_ema=False, with_step=False):
   """Newest parameters of a training workdir and the model they fit.
 
   Returns:
     (params, model, config): numpy parameters in the layout they were
     trained in, the VisionTransformer the run trained (with the fields
     resolved at training time: task fields, image size, channels) and the
-    run's ConfigDict.
+    run's ConfigDict; with `with_step`, (params, model, config, step), the
+    step of the checkpoint read.
   """
   from vit_jax import models  # pylint: disable=g-import-not-at-top
-  params, config = latest_params(workdir, use_ema=use_ema)
+  params, config, step = latest_params(workdir, use_ema=use_ema,
+                                       with_step=True)
   resolved = config.get("resolved") or {}
   kwargs = dict(resolved.get("model_kwargs") or {})
   if not kwargs:  # Written before the resolved fields were kept.
@@ -463,7 +467,8 @@ def model_from_workdir(workdir, use_ema=False):
     model = models.create(config.model_name, **kwargs)
   except ValueError as e:
     raise errors.Error(f"cannot rebuild the model of {workdir}: {e}") from None
-  return params, model, config
+  return (params, model, config, step) if with_step else (params, model,
+                                                          config)
 
 
 # Fine-tuning initialisation.
