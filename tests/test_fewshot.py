@@ -1,6 +1,7 @@
 """Few-shot evaluator: sampling, sharded features, report, short classes."""
 
 import os
+import re
 
 import jax
 import ml_collections
@@ -157,6 +158,38 @@ def test_pixel_report_matches_sklearn_and_metrics(mesh):
                               atol=1.01 / len(y_test), exact_keys=("l2",))
 
 
+def test_l2_at_the_grid_edge_is_warned_of(mesh):
+  # The whole default grid: every choice lies inside it, nothing is warned.
+  logs = []
+  wide = _evaluator(None, mesh, _config(representation="pixels",
+                                        l2_regs=ridge.L2_GRID))
+  wide.log = logs.append
+  wide_report = wide.report(None)["digits"]
+  assert logs == []
+  assert not any(r["l2_at_grid_edge"] for r in wide_report.values())
+  # A grid above the 5-shot choices (2^12 .. 2^16, with the fixed 2^10):
+  # 5-shot lands on its smallest value. The training loop's `run` warns of
+  # it, once.
+  narrow = _evaluator(None, mesh, _config(
+      representation="pixels", l2_regs=(2.0**12, 2.0**14, 2.0**16)))
+  narrow.log = logs.append
+  narrow.run(None)
+  report = narrow.report(None)["digits"]
+  assert report["5"]["l2"] == [2.0**10, 2.0**10]
+  assert report["5"]["l2_at_grid_edge"] is True
+  assert max(wide_report["5"]["l2"]) < 2.0**10  # It really was too high.
+  assert ("warning: fewshot digits 5-shot (pixels): leave-one-out chose "
+          "L2 = 2^10 for seed(s) 0, 1, the smallest of the grid 2^10 .. 2^16; "
+          "a better value may lie below it: widen the few-shot config's "
+          "l2_regs below 2^10") in logs
+  # One line per dataset, shot count and edge that some seed chose.
+  edges = {(n, e) for n, r in report.items() for e, v in (
+      ("smallest", 2.0**10), ("largest", 2.0**16)) if v in r["l2"]}
+  warned = [re.search(r" (\d+)-shot \(pixels\): .*, the (smallest|largest) "
+                      "of the grid", l).groups() for l in logs]
+  assert sorted(warned) == sorted(edges)
+
+
 def _write_folder(root, counts):
   rng = np.random.default_rng(0)
   for split, per_class in counts.items():
@@ -179,9 +212,10 @@ def test_short_classes_are_reported(mesh, tmp_path):
   assert report["tiny"]["1"]["short_classes"] == {}
   assert report["tiny"]["3"]["short_classes"] == {"1": 1}
   assert report["tiny"]["3"]["num_train"] == 3 + 1 + 3
-  assert len(logs) == 1 and "class 1: 1" in logs[0]
+  short = [l for l in logs if "fewer than" in l]
+  assert len(short) == 1 and "class 1: 1" in short[0]
   ev.report(None)
-  assert len(logs) == 1  # Warned once per evaluator.
+  assert [l for l in logs if "fewer than" in l] == short  # Warned once.
 
 
 def test_config_errors(mesh):

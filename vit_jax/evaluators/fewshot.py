@@ -18,12 +18,16 @@ For each dataset `(name, source, train_split, test_split)` of the config:
    chosen by exact leave-one-out on the few-shot training set (classification
    error, ties by squared error) over `l2_regs`; the paper's fixed L2 = 2^10
    is reported beside it. On CPU the seeds are solved concurrently (see
-   `PerSeed`), elsewhere in one call vmapped over seeds.
+   `PerSeed`), elsewhere in one call vmapped over seeds. A chosen L2 that is
+   the smallest or largest value searched is flagged (`l2_at_grid_edge`) and
+   warned of once per dataset, shot count and edge: the best value may lie
+   beyond the grid.
 
 `run(params)` returns `{"<dataset>/<n>shot": mean accuracy with the
 leave-one-out L2, ..._std, ..._fixed_l2 (mean accuracy at the fixed L2),
 ..._fixed_l2_std, ..._l2 (median chosen L2)}`; `report(params)` the full
-per-seed results (what `python -m vit_jax.fewshot` writes to fewshot.json).
+per-seed results (what `python -m vit_jax.fewshot` writes under "results"
+in its fewshot_<representation>...json).
 Standard deviations are over seeds (ddof=1; 0 for a single seed).
 """
 
@@ -167,6 +171,14 @@ def _std(x):
   return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
 
+def power_of_two(value):
+  """"2^k" for an exact power of two, else the value ("0.3")."""
+  value = float(value)
+  if value > 0 and math.log2(value).is_integer():
+    return f"2^{math.log2(value):g}"
+  return f"{value:g}"
+
+
 class Evaluator:
   """Few-shot linear evaluation on several datasets.
 
@@ -232,7 +244,7 @@ class Evaluator:
         compiler_options=xla_options.for_backend())
     self._samples = {}      # dataset -> (rows, counts) of `sample`
     self._pixel_cache = {}  # pixels do not depend on params
-    self._warned = set()
+    self._warned = set()  # (dataset, shots[, edge]) warned of
 
   # Features.
 
@@ -331,13 +343,38 @@ class Evaluator:
                f"than {n} training examples and use all they have ({listed})")
     return short
 
+  def _warn_edge(self, name, n, chosen):
+    """Warns (once) of L2 values chosen at the smallest or largest of the
+    grid; returns whether any seed's choice is there."""
+    edges = {0: "smallest", len(self.l2s) - 1: "largest"}
+    at_edge = False
+    for index, edge in edges.items():
+      seeds = [s for s, b in zip(self.seeds, chosen) if b == index]
+      if not seeds:
+        continue
+      at_edge = True
+      if (name, n, edge) in self._warned:
+        continue
+      self._warned.add((name, n, edge))
+      value = power_of_two(self.l2s[index])
+      grid = f"{power_of_two(self.l2s[0])} .. {power_of_two(self.l2s[-1])}"
+      side = "below" if edge == "smallest" else "above"
+      self.log(f"warning: fewshot {name} {n}-shot ({self.representation}): "
+               f"leave-one-out chose L2 = {value} for seed(s) "
+               f"{', '.join(map(str, seeds))}, the {edge} of the grid "
+               f"{grid}; a better value may lie {side} it: widen the "
+               f"few-shot config's l2_regs {side} {value}")
+    return at_edge
+
   def report(self, params):
     """Per dataset and shot count: accuracies per seed and their summary.
 
     Returns:
       {dataset: {"<n>": {"mean", "std", "l2" (chosen per seed), "per_seed",
-      "loo_error" (per seed, at the chosen L2), "fixed_l2", "fixed_l2_mean",
-      "fixed_l2_std", "fixed_l2_per_seed", "num_train", "short_classes"}}}.
+      "loo_error" (per seed, at the chosen L2), "l2_at_grid_edge" (some
+      seed's L2 is the smallest or largest searched), "fixed_l2",
+      "fixed_l2_mean", "fixed_l2_std", "fixed_l2_per_seed", "num_train",
+      "short_classes"}}}.
     """
     params = self._place(params)
     c = self.config
@@ -363,6 +400,7 @@ class Evaluator:
             "per_seed": [float(a) for a in chosen],
             "loo_error": [float(e) for e in out["loo_error"][seeds,
                                                              out["best"]]],
+            "l2_at_grid_edge": self._warn_edge(name, n, out["best"]),
             "fixed_l2": float(self.l2s[self.fixed_index]),
             "fixed_l2_mean": float(np.mean(fixed)),
             "fixed_l2_std": _std(fixed),
