@@ -255,8 +255,10 @@ def test_relative_paths(saved_run, monkeypatch, capfd):
       "fewshot", "--workdir=run", "--output_dir=fewshot",
       f"--config={ROOT}/configs/fewshot.py:digits,pre_logits,runlocal",
       "--config.shots=(1,)", "--config.seeds=(0,)"]) == 0
-  with open(saved_run / "fewshot" / "fewshot.json") as f:
-    assert set(json.load(f)["digits"]) == {"1"}
+  # Written elsewhere than the workdir: named after it too.
+  written, = (saved_run / "fewshot").glob("fewshot_pre_logits_run_*.json")
+  with open(written) as f:
+    assert set(json.load(f)["results"]["digits"]) == {"1"}
 
   from vit_jax import analyze  # pylint: disable=g-import-not-at-top
   assert analyze.run(["analyze", "--workdir=run", "--what=posemb",

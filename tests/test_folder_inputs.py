@@ -163,8 +163,10 @@ def test_evaluations_label_by_the_training_classes(capfd, tmp_path):
   assert rc == 0, out
   assert f"warning: skipped 1 damaged image file(s) of {dataset} test: " \
          f"{broken}\n" in out
-  with open(os.path.join(workdir, "fewshot.json")) as f:
-    assert json.load(f)["f"]["1"]["mean"] == 1.0
+  written, = [l.split()[1] for l in out.splitlines() if l.startswith("wrote ")]
+  assert os.path.dirname(written) == workdir
+  with open(written) as f:
+    assert json.load(f)["results"]["f"]["1"]["mean"] == 1.0
   # With strict_images, the damaged evaluation file is an error.
   line = _one_error(*_run(capfd, main, *TINY, f"--config.dataset={dataset}",
                           fewshot_data, "--config.pp.strict_images=True",
