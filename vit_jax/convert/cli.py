@@ -53,7 +53,8 @@ def parser():
       prog="python -m vit_jax.convert", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--from", dest="src", required=True,
-                 help="training workdir, FILE.npz, a Hugging Face ViT directory, or a "
+                 help="training workdir, FILE.npz, a Hugging Face ViT directory, a "
+                      "timm model directory (config.json + model.safetensors), or a "
                       "timm VisionTransformer state dict (.safetensors, or .pth/.pt/"
                       ".bin loadable with weights_only=True)")
   p.add_argument("--to", required=True, choices=("hf", "timm", "npz"),
