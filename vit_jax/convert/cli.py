@@ -2,9 +2,12 @@
 
 SRC is a training workdir (newest checkpoint + DIR/config.json), a `.npz` checkpoint
 (original or big_vision layout; the model is inferred from the shapes), a Hugging
-Face ViT directory (config.json + model.safetensors / pytorch_model.bin) or a timm
-VisionTransformer state dict (FILE.safetensors / .pth / .pt / .bin, read without
-unpickling) with --timm_model=NAME or --timm_kwargs=FILE.json. A workdir of a BiT
+Face ViT directory (config.json + model.safetensors / pytorch_model.bin), a timm
+model directory (what --to=timm --out=DIR writes) or a timm VisionTransformer state
+dict (FILE.safetensors / .pth / .pt / .bin, read without unpickling) with
+--timm_model=NAME or --timm_kwargs=FILE.json. --to=timm writes a directory that
+`timm.create_model("local-dir:DIR", pretrained=True)` loads, or with --out=FILE.npz
+the .npz timm's `load_pretrained` reads plus its kwargs. A workdir of a BiT
 ResNet converts to timm's ResNetV2 only (--to=timm: a state dict, .pth or
 .safetensors; `vit_jax.convert.bit`).
 
@@ -50,14 +53,18 @@ def parser():
       prog="python -m vit_jax.convert", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--from", dest="src", required=True,
-                 help="training workdir, FILE.npz, a Hugging Face ViT directory, or a "
+                 help="training workdir, FILE.npz, a Hugging Face ViT directory, a "
+                      "timm model directory (config.json + model.safetensors), or a "
                       "timm VisionTransformer state dict (.safetensors, or .pth/.pt/"
                       ".bin loadable with weights_only=True)")
   p.add_argument("--to", required=True, choices=("hf", "timm", "npz"),
                  help="target: Hugging Face ViT, timm VisionTransformer or our "
                       ".npz layout")
   p.add_argument("--out", required=True,
-                 help="hf: a directory; timm: FILE.npz (kwargs go to FILE.json); "
+                 help="hf: a directory (config.json, model.safetensors, "
+                      "preprocessor_config.json); timm: a directory (model.safetensors "
+                      "+ config.json: timm.create_model('local-dir:DIR', "
+                      "pretrained=True)) or FILE.npz (kwargs go to FILE.json); "
                       "npz: FILE.npz (model fields go to FILE.json)")
   p.add_argument("--verify", action="store_true",
                  help="run ours and theirs on the same batch; fail above --tol")
@@ -155,6 +162,20 @@ def _load_timm(args, log):
   return npz.unflatten(flat), cfg, None, "timm", source
 
 
+def _load_timm_dir(args, log):
+  """A timm model directory -> (params, model fields, labels, kind, timm_lib.Source)."""
+  for flag in ("posemb", "classifier", "hidden_act", "layer_norm_eps", "model"):
+    if getattr(args, flag) is not None:
+      raise errors.Error(f"--{flag} does not apply to a timm model directory: its "
+                         "config.json (architecture, model_args) decides it")
+  flat, cfg, notes, source, labels = timm_lib.read_dir(args.src,
+                                                       image_size=args.image_size)
+  for note in notes:
+    log(f"note: {note}")
+  log(f"timm {source.model_name} model_args: {json.dumps(_jsonable(source.kwargs))}")
+  return npz.unflatten(flat), cfg, labels, "timm", source
+
+
 def load_source(args, log=print):
   """-> (params, model fields, labels, kind, source) for --from.
 
@@ -173,6 +194,8 @@ def load_source(args, log=print):
   base = models.get_config(args.model) if args.model else {}
   if os.path.isdir(src):
     hf_lib.check_model_type(src)
+  if os.path.isdir(src) and timm_lib.hub_dir_config(src) is not None:
+    return _load_timm_dir(args, log)
   if os.path.isdir(src) and hf_lib.is_hf_dir(src):
     sd, config = hf_lib.read(src)
     params, cfg, labels = hf_lib.to_ours(sd, config)
@@ -239,6 +262,35 @@ def _flags(fields):
                   for k, v in fields.items() if v is not None and not isinstance(v, dict))
 
 
+def _timm_npz(out):
+  return str(out).lower().endswith(".npz")
+
+
+def _check_out(args):
+  """--out must be a place this export may write: never a training workdir."""
+  if args.to == "timm" and not _timm_npz(args.out) and str(args.out).lower().endswith(
+      timm_lib.WEIGHT_SUFFIXES + (".json",)):
+    raise errors.Error(f"--out={args.out}: --to=timm writes a directory "
+                       "(model.safetensors + config.json) or FILE.npz")
+  out = args.out
+  if os.path.realpath(out) == os.path.realpath(args.src):
+    raise errors.Error(f"--out={out} is --from, which it would replace: choose "
+                       "another --out")
+  if args.to == "npz" or (args.to == "timm" and _timm_npz(args.out)):
+    return
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.Error(f"--out={out} is a file; --to={args.to} writes a directory")
+  if not os.path.isfile(os.path.join(out, "config.json")):
+    return
+  kind = ("hf" if hf_lib.model_type(out) is not None else
+          "timm" if timm_lib.hub_dir_config(out) is not None else None)
+  if kind != args.to:
+    what = {"hf": "a Hugging Face model's", "timm": "a timm model's",
+            None: "not a model export's (a training workdir?)"}[kind]
+    raise errors.Error(f"--out={out} holds a config.json, {what}, that --to={args.to} "
+                       "would replace: choose another --out")
+
+
 def run(args, log=print):
   """Performs the conversion; returns the parity figures (or {})."""
   from vit_jax.convert import parity  # pylint: disable=g-import-not-at-top
@@ -246,6 +298,7 @@ def run(args, log=print):
     setattr(args, key, paths.absolute(getattr(args, key)))
   if bit_lib.is_workdir(args.src):  # A BiT ResNet: timm's ResNetV2 only.
     return bit_lib.convert_workdir(args, log)
+  _check_out(args)
   params, cfg, labels, kind, source = load_source(args, log)
   labels = _labels(args.labels) or labels
   cfg = core.full_config(cfg)
@@ -260,8 +313,18 @@ def run(args, log=print):
     kw = hf_lib.load_kwargs(cfg, arch)
     extra = "".join(f", {k}={v!r}" for k, v in kw.items())
     log(f"wrote {args.out}: transformers.{arch}.from_pretrained({args.out!r}{extra})")
+    if arch == hf_lib.CLASSIFICATION and cfg["num_classes"] > 1:
+      log(f"  or transformers.pipeline('image-classification', model={args.out!r})")
     if args.verify:
       diffs = parity.verify_hf(args.out, params, cfg, arch, tol=args.tol)
+  elif args.to == "timm" and not _timm_npz(args.out):
+    kw, config, notes = timm_lib.export_dir(params, cfg, args.out, labels)
+    for note in notes:
+      log(f"note: {note}")
+    log(f"wrote {args.out}: timm.create_model('local-dir:{args.out}', pretrained=True)"
+        f" ({config['architecture']} with model_args {json.dumps(kw)})")
+    if args.verify:
+      diffs = parity.verify_timm_dir(args.out, params, cfg, tol=args.tol)
   elif args.to == "timm":
     kw, kw_path, notes = timm_lib.export(params, cfg, args.out)
     for note in notes:

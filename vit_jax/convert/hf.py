@@ -1,4 +1,5 @@
-"""Hugging Face `transformers` ViT: export (config.json + model.safetensors) and import.
+"""Hugging Face `transformers` ViT: export (config.json + model.safetensors +
+preprocessor_config.json) and import.
 
 Three classes can hold our models (docs/design.md §5):
   * `ViTForImageClassification`: token pooling with a head (`classifier`);
@@ -11,6 +12,16 @@ and hybrids are refused (timm, or the .npz, can take them). Import reads directo
 whose config.json says `model_type: vit`, weights from model.safetensors or a
 weights-only pytorch_model.bin (nothing is unpickled); another model type (DeiT,
 BEiT, ...) and a damaged or pickled weights file are one-line errors.
+
+`preprocessor_config.json` holds the project's evaluation preprocessing for
+`ViTImageProcessor` (and so for `transformers.pipeline("image-classification",
+model=DIR)`): resize to the model's (height, width) with PIL's bilinear filter
+(`resample` 2), then `(x / 255 - 0.5) / 0.5`, i.e. `(x - 127.5) / 127.5`, per
+channel. For images of the model's aspect ratio that is what
+`vit_jax.data.preprocess.eval_batch` computes (which crops the central box of that
+aspect ratio first: other images are squashed here, cropped there). A 1-channel
+model gets one mean and std; transformers' pipeline turns PIL images and paths into
+RGB, so such a model takes uint8 arrays (H, W, 1) there.
 """
 
 import json
@@ -142,6 +153,39 @@ def config_dict(cfg, arch, labels=None):
   return config
 
 
+# PIL.Image.BILINEAR: the filter `vit_jax.data.preprocess.resize` reproduces.
+PIL_BILINEAR = 2
+
+
+def preprocessor_config(cfg):
+  """preprocessor_config.json contents: the project's evaluation preprocessing."""
+  h, w = sizes.pair(cfg["image_size"])
+  c = cfg["num_channels"]
+  return dict(
+      image_processor_type="ViTImageProcessor",
+      do_resize=True,
+      size=dict(height=h, width=w),
+      resample=PIL_BILINEAR,
+      do_rescale=True,
+      rescale_factor=1 / 255,
+      do_normalize=True,
+      image_mean=[0.5] * c,
+      image_std=[0.5] * c,
+      do_convert_rgb=c == 3,
+  )
+
+
+def preprocessor_notes(cfg):
+  """What a user of the exported processor needs to know about its inputs."""
+  c = cfg["num_channels"]
+  if c == 3:
+    return []
+  example = ("np.array(PIL.Image.open(f).convert('L'))[..., None]" if c == 1
+             else f"uint8 arrays (H, W, {c})")
+  return [f"a {c}-channel model: transformers' pipeline converts PIL images and "
+          f"paths to RGB; give it {example}"]
+
+
 def state_dict(params, cfg, arch, notes=None):
   """Our parameters -> {HF file name: numpy array} for class `arch`."""
   notes = [] if notes is None else notes
@@ -196,7 +240,7 @@ def state_dict(params, cfg, arch, notes=None):
 
 
 def export(params, cfg, out_dir, labels=None):
-  """Writes `out_dir/config.json` + `out_dir/model.safetensors`.
+  """Writes `out_dir/config.json`, `model.safetensors`, `preprocessor_config.json`.
 
   Returns:
     (architecture, notes): the HF class to load with and what the export changed.
@@ -206,9 +250,13 @@ def export(params, cfg, out_dir, labels=None):
   arch = architecture(cfg)
   notes = []
   sd = state_dict(params, cfg, arch, notes)
+  config = config_dict(cfg, arch, labels)
+  notes += preprocessor_notes(cfg)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_dict(cfg, arch, labels), f, indent=2)
+    json.dump(config, f, indent=2)
+  with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+    json.dump(preprocessor_config(cfg), f, indent=2)
   save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   return arch, notes
 

@@ -181,6 +181,33 @@ def verify_timm(npz_path, kwargs, params, cfg, batch=2, seed=0, tol=TOL):
   return diffs
 
 
+def load_timm_dir(out_dir):
+  """`timm.create_model("local-dir:" + out_dir, pretrained=True)`: timm's own loading."""
+  import timm  # pylint: disable=g-import-not-at-top
+  return timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
+
+
+def verify_timm_dir(out_dir, params, cfg, batch=2, seed=0, tol=TOL):
+  """Loads a timm model directory the way timm users do and compares it with ours.
+
+  Returns:
+    {quantity: max |Δ|}: `logits` (or `features` without a head) and `params`
+    (what timm's loader put in the model vs the file, both mapped to our names:
+    a tensor it skipped keeps timm's random init and shows up).
+  """
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  cfg = core.full_config(cfg)
+  model = load_timm_dir(out_dir)
+  diffs = _outputs_vs_timm(model, params, cfg, batch, seed)
+  kw = timm_lib.hub_dir_config(str(out_dir))["model_args"]
+  exported = timm_lib.to_ours(load_file(f"{out_dir}/model.safetensors"), kw)
+  loaded = timm_lib.to_ours(
+      {k: v.detach().numpy() for k, v in model.state_dict().items()}, kw)
+  diffs["params"] = params_diff(exported, loaded)
+  check(diffs, tol, "timm model directory")
+  return diffs
+
+
 def verify_timm_source(source, params, cfg, batch=2, seed=0, tol=TOL):
   """Compares our import of a timm state dict with timm running that state dict.
 

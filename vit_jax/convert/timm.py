@@ -1,5 +1,17 @@
-"""timm `VisionTransformer`: export as an `.npz` its `load_pretrained` reads, plus kwargs;
-import of its state dict (`read`).
+"""timm `VisionTransformer`: export as a local pretrained model (a directory) or as an
+`.npz` its `load_pretrained` reads; import of its state dict (`read`, `read_dir`).
+
+A directory (`export_dir`) is what timm reads for a local pretrained model:
+`model.safetensors` (timm's state-dict names) and `config.json` with `architecture`
+(a registered timm name, `architecture_name`), `num_classes`, `label_names`,
+`model_args` (the `VisionTransformer` kwargs that build exactly this model; they
+override the named architecture's) and `pretrained_cfg`: the input contract of the
+project's evaluation (`input_size`, bilinear `interpolation`, `mean` = `std` = 0.5,
+`crop_pct` 1.0, `crop_mode` "center"). `timm.create_model("local-dir:DIR",
+pretrained=True)` builds and loads it, and `timm.data.resolve_data_config({},
+model=model)` + `create_transform` preprocess images as the project's evaluation
+does (`vit_jax.data.preprocess.eval_batch`: the central crop of the model's aspect
+ratio, resized bilinearly, to [-1, 1]).
 
 timm's npz loader (`timm.models.vision_transformer._load_weights`) reads the original
 layout: `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
@@ -7,12 +19,15 @@ layout: `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
 size matches the model's, silently skipped otherwise) and `MAPHead_0/...` for
 `global_pool='map'`. It ignores `pre_logits`, so a representation layer is refused,
 and it always copies q/k/v biases, so a model without them is written with zero
-biases (exact). The kwargs that build the matching model are returned and saved as
-JSON beside the file: `VisionTransformer(**kwargs).load_pretrained(path)`.
+biases (exact; the directory form builds `qkv_bias=False` instead). The kwargs that
+build the matching model are returned and saved as JSON beside the file:
+`VisionTransformer(**kwargs).load_pretrained(path)`.
 
 Import (`read`) takes a timm state dict (`.safetensors`, or a torch file that
 `torch.load(weights_only=True)` reads: nothing is unpickled) and the model it belongs
-to (a timm name, or VisionTransformer kwargs such as the JSON the export writes). The
+to (a timm name, or VisionTransformer kwargs such as the JSON the export writes);
+`read_dir` takes a directory as `export_dir` writes it (the name and kwargs from its
+config.json). The
 timm model is built (without its random init), checked for what our VisionTransformer
 can express (anything else is refused by name: register tokens, layer scale,
 pre_norm, qk_norm, fc_norm after avg / MAP pooling, ...), and the tensors are mapped
@@ -102,9 +117,8 @@ def kwargs(cfg):
   return out
 
 
-def npz_params(params, cfg, notes=None):
-  """Our parameters -> the flat dict written to the timm `.npz`."""
-  notes = [] if notes is None else notes
+def _exported_flat(params, cfg, notes):
+  """Our parameters as the model timm runs: fixed tables written, qk_scale folded."""
   cfg = core.full_config(cfg)
   check(cfg)
   flat = core.fold_qk_scale(core.flat_params(params), cfg, notes)
@@ -117,6 +131,14 @@ def npz_params(params, cfg, notes=None):
   if "mask_token" in flat:
     del flat["mask_token"]
     notes.append("mask_token dropped: timm VisionTransformer has none")
+  return flat
+
+
+def npz_params(params, cfg, notes=None):
+  """Our parameters -> the flat dict written to the timm `.npz`."""
+  notes = [] if notes is None else notes
+  cfg = core.full_config(cfg)
+  flat = _exported_flat(params, cfg, notes)
   if not cfg["qkv_bias"]:
     h, hd = cfg["num_heads"], cfg["hidden_size"] // cfg["num_heads"]
     for i in range(cfg["num_layers"]):
@@ -146,6 +168,186 @@ def export(params, cfg, path):
 def kwargs_path(path):
   path = str(path)
   return (path[:-4] if path.endswith(".npz") else path) + ".json"
+
+
+# Registered timm names of plain VisionTransformers: (width, depth, heads, patch,
+# image size) -> name. `architecture_name` picks the one that describes the model.
+ARCHITECTURES = {
+    (192, 12, 3, 16, 224): "vit_tiny_patch16_224",
+    (192, 12, 3, 16, 384): "vit_tiny_patch16_384",
+    (384, 12, 6, 8, 224): "vit_small_patch8_224",
+    (384, 12, 6, 16, 224): "vit_small_patch16_224",
+    (384, 12, 6, 16, 384): "vit_small_patch16_384",
+    (384, 12, 6, 32, 224): "vit_small_patch32_224",
+    (384, 12, 6, 32, 384): "vit_small_patch32_384",
+    (768, 12, 12, 8, 224): "vit_base_patch8_224",
+    (768, 12, 12, 16, 224): "vit_base_patch16_224",
+    (768, 12, 12, 16, 384): "vit_base_patch16_384",
+    (768, 12, 12, 32, 224): "vit_base_patch32_224",
+    (768, 12, 12, 32, 384): "vit_base_patch32_384",
+    (1024, 24, 16, 14, 224): "vit_large_patch14_224",
+    (1024, 24, 16, 16, 224): "vit_large_patch16_224",
+    (1024, 24, 16, 16, 384): "vit_large_patch16_384",
+    (1024, 24, 16, 32, 224): "vit_large_patch32_224",
+    (1024, 24, 16, 32, 384): "vit_large_patch32_384",
+    (1280, 32, 16, 14, 224): "vit_huge_patch14_224",
+}
+
+
+def architecture_name(cfg):
+  """The timm name for `config.json`'s `architecture`.
+
+  The name of the same variant, patch and size when timm has one, else the
+  nearest: same variant, then patch, then size, then the closest width. Only the
+  name's entry point is used: `model_args` override all of its kwargs.
+  """
+  d, depth, heads = cfg["hidden_size"], cfg["num_layers"], cfg["num_heads"]
+  patch, size = sizes.pair(cfg["patch_size"]), sizes.pair(cfg["image_size"])
+
+  def distance(key):
+    kd, kdepth, kheads, kpatch, ksize = key
+    return ((kd, kdepth, kheads) != (d, depth, heads), patch != (kpatch, kpatch),
+            size != (ksize, ksize), abs(math.log(kd / d)), kpatch, ksize)
+
+  return ARCHITECTURES[min(ARCHITECTURES, key=distance)]
+
+
+def state_dict(params, cfg, notes=None):
+  """Our parameters -> {timm `VisionTransformer` state-dict name: numpy array}.
+
+  The model of `dir_kwargs(cfg)`; the inverse of `to_ours`.
+  """
+  notes = [] if notes is None else notes
+  cfg = core.full_config(cfg)
+  flat = _exported_flat(params, cfg, notes)
+  d = cfg["hidden_size"]
+  used = set()
+
+  def take(name):
+    used.add(name)
+    return flat[name]
+
+  def rows(*names):  # (D, H, hd) kernels -> torch Linear rows, concatenated
+    return np.concatenate([take(n).reshape(d, -1).T for n in names])
+
+  def bias(*names):
+    return np.concatenate([take(n).reshape(-1) for n in names])
+
+  sd = {
+      "patch_embed.proj.weight": take("embedding/kernel").transpose(3, 2, 0, 1),
+      "patch_embed.proj.bias": take("embedding/bias"),
+      "pos_embed": take(npz.POSEMB),
+      "norm.weight": take("Transformer/encoder_norm/scale"),
+      "norm.bias": take("Transformer/encoder_norm/bias"),
+  }
+  if "cls" in flat:
+    sd["cls_token"] = take("cls")
+  if "head/kernel" in flat:
+    sd["head.weight"] = take("head/kernel").T
+    sd["head.bias"] = take("head/bias")
+  for i in range(cfg["num_layers"]):
+    a, b, t = _ATTN.format(i=i), _BLOCK.format(i=i), f"blocks.{i}."
+    qkv = [f"{a}{name}/" for name in ("query", "key", "value")]
+    sd[t + "attn.qkv.weight"] = rows(*(n + "kernel" for n in qkv))
+    if cfg["qkv_bias"]:
+      sd[t + "attn.qkv.bias"] = bias(*(n + "bias" for n in qkv))
+    sd[t + "attn.proj.weight"] = take(a + "out/kernel").reshape(-1, d).T
+    sd[t + "attn.proj.bias"] = take(a + "out/bias")
+    for ours, theirs in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+      sd[f"{t}{theirs}.weight"] = take(f"{b}{ours}/scale")
+      sd[f"{t}{theirs}.bias"] = take(f"{b}{ours}/bias")
+    for r in range(2):
+      sd[f"{t}mlp.fc{r + 1}.weight"] = take(f"{b}MlpBlock_3/Dense_{r}/kernel").T
+      sd[f"{t}mlp.fc{r + 1}.bias"] = take(f"{b}MlpBlock_3/Dense_{r}/bias")
+  if cfg["classifier"] == "map":
+    p = "attn_pool."
+    sd[p + "latent"] = take(_MAP + "probe")
+    sd[p + "q.weight"] = rows(_MAP_ATTN + "query/kernel")
+    sd[p + "q.bias"] = bias(_MAP_ATTN + "query/bias")
+    sd[p + "kv.weight"] = rows(_MAP_ATTN + "key/kernel", _MAP_ATTN + "value/kernel")
+    sd[p + "kv.bias"] = bias(_MAP_ATTN + "key/bias", _MAP_ATTN + "value/bias")
+    sd[p + "proj.weight"] = take(_MAP_ATTN + "out/kernel").reshape(-1, d).T
+    sd[p + "proj.bias"] = take(_MAP_ATTN + "out/bias")
+    sd[p + "norm.weight"] = take(_MAP + "LayerNorm_0/scale")
+    sd[p + "norm.bias"] = take(_MAP + "LayerNorm_0/bias")
+    for r in range(2):
+      sd[f"{p}mlp.fc{r + 1}.weight"] = take(f"{_MAP}MlpBlock_0/Dense_{r}/kernel").T
+      sd[f"{p}mlp.fc{r + 1}.bias"] = take(f"{_MAP}MlpBlock_0/Dense_{r}/bias")
+  unused = sorted(set(flat) - used)
+  if unused:  # Every parameter of a model `check` accepts has a place in timm.
+    raise core.Unsupported(f"no timm VisionTransformer tensor for {_listing(unused)}")
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+def dir_kwargs(cfg):
+  """`kwargs(cfg)` with the model's own `qkv_bias` (no zero biases to carry)."""
+  return dict(kwargs(cfg), qkv_bias=bool(core.full_config(cfg)["qkv_bias"]))
+
+
+def hub_config(cfg, kw, labels=None):
+  """The `config.json` timm reads for a local pretrained model (see the module doc)."""
+  cfg = core.full_config(cfg)
+  c, (h, w), k = cfg["num_channels"], sizes.pair(cfg["image_size"]), cfg["num_classes"]
+  config = dict(
+      architecture=architecture_name(cfg),
+      num_classes=k,
+      num_features=cfg["hidden_size"],
+      global_pool=kw["global_pool"],
+  )
+  if labels is not None:
+    if len(labels) != k:
+      raise ValueError(f"{len(labels)} labels given for a head of {k} classes")
+    config["label_names"] = [str(n) for n in labels]
+  config["model_args"] = kw
+  config["pretrained_cfg"] = dict(
+      input_size=[c, h, w],
+      fixed_input_size=True,
+      interpolation="bilinear",
+      crop_pct=1.0,
+      crop_mode="center",
+      mean=[0.5] * c,
+      std=[0.5] * c,
+      num_classes=k,
+      first_conv="patch_embed.proj",
+      classifier="head",
+      custom_load=False,
+  )
+  return config
+
+
+def export_dir(params, cfg, out_dir, labels=None):
+  """Writes `out_dir/model.safetensors` + `out_dir/config.json` (see the module doc).
+
+  Returns:
+    (kwargs, config, notes).
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  notes = []
+  cfg = core.full_config(cfg)
+  kw = dir_kwargs(cfg)
+  sd = state_dict(params, cfg, notes)
+  config = hub_config(cfg, kw, labels)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return kw, config, notes
+
+
+def hub_dir_config(path):
+  """config.json of a timm local pretrained model directory, or None (not one)."""
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    return None
+  try:
+    with open(cfg_path) as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
+  if isinstance(config, dict) and "architecture" in config and (
+      "pretrained_cfg" in config or "model_args" in config):
+    return config
+  return None
 
 
 def _to_flat(take, has, d, heads, depth, norm="norm"):
@@ -590,7 +792,7 @@ class Source:
     self.model, self.sd, self.kwargs, self.model_name = model, sd, kwargs, model_name
 
 
-def read(path, model_name=None, kwargs_file=None, image_size=None):
+def read(path, model_name=None, kwargs_file=None, image_size=None, kwargs=None):
   """Reads a timm state-dict file.
 
   Args:
@@ -600,18 +802,20 @@ def read(path, model_name=None, kwargs_file=None, image_size=None):
       over the named model's defaults when both are given.
     image_size: optional int or (h, w): `img_size` of the timm model. Without it the
       kwargs' size is used, or a square grid read off `pos_embed` when that differs.
+    kwargs: VisionTransformer kwargs as a dict (a directory's `model_args`), in
+      place of `kwargs_file`.
 
   Returns:
     (our flat params, our model fields, notes, Source).
   """
-  if not model_name and not kwargs_file:
+  if not model_name and not kwargs_file and kwargs is None:
     raise errors.Error(
         f"{path} is read as a timm state dict: name the timm model it belongs to with "
         "--timm_model=NAME (e.g. vit_small_patch16_224) or --timm_kwargs=FILE.json "
         "(a Hugging Face ViT is read from its directory)")
   sd = read_state_dict(path)
   _refuse_keys(sd)
-  kw = _read_kwargs(kwargs_file) if kwargs_file else {}
+  kw = _read_kwargs(kwargs_file) if kwargs_file else dict(kwargs or {})
   if image_size is not None:
     kw["img_size"] = _size(image_size)
   if "num_classes" not in kw:
@@ -634,3 +838,39 @@ def read(path, model_name=None, kwargs_file=None, image_size=None):
   _check_against(sd, model, str(path))
   flat = import_params(sd, model, cfg, str(path))
   return flat, cfg, notes, Source(model, sd, kw, model_name)
+
+
+# The weight files timm's `local-dir:` loader looks for first, in its order.
+DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def read_dir(path, image_size=None):
+  """Reads a timm local pretrained model directory (config.json + weights).
+
+  The model is `config["architecture"]` built with `config["model_args"]`, as
+  `timm.create_model("local-dir:" + path)` builds it.
+
+  Returns:
+    (our flat params, our model fields, notes, Source, labels or None).
+  """
+  config = hub_dir_config(path)
+  if config is None:
+    raise errors.Error(f"{path} is not a timm model directory (config.json with "
+                       "`architecture`)")
+  weights = [os.path.join(path, n) for n in DIR_WEIGHTS
+             if os.path.isfile(os.path.join(path, n))]
+  if not weights:
+    raise errors.Error(f"{path} has a timm config.json but none of "
+                       f"{', '.join(DIR_WEIGHTS)}")
+  kw = config.get("model_args") or {}
+  if not isinstance(kw, dict):
+    raise errors.Error(f"{path}/config.json: model_args is not a JSON object")
+  flat, cfg, notes, source = read(weights[0], model_name=config["architecture"],
+                                  image_size=image_size, kwargs=kw)
+  labels = config.get("label_names") or (config.get("pretrained_cfg") or {}).get(
+      "label_names")
+  if isinstance(labels, dict):
+    labels = [labels[k] for k in sorted(labels, key=int)]
+  if labels is not None and len(labels) != cfg["num_classes"]:
+    labels = None
+  return flat, cfg, notes, source, labels
