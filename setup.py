@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 TORCH = [
     "torch==2.14.1",
     "torchvision==0.29.1",
-    "timm>=1.0.15",
+    "timm>=1.0.16",  # local-dir: model directories
     "transformers>=4.57",
     "safetensors>=0.4",
 ]
