@@ -10,10 +10,12 @@ several (a sweep's points) and draws one PNG:
   for several. Counts (`num_*`, `*skipped_images`), the few-shot `_std` and
   `_l2` companions, `train/grad_norm`, `perf/*` and `data/*` are left out,
   as are values that are not finite;
-- the Polyak-averaged twin `ema/<metric>` dashed, in its metric's colour.
+- the Polyak-averaged twin `ema/<metric>` dashed (hollow markers), in its
+  metric's colour.
 
 One workdir: a legend per panel with the last value of each line. Several:
-one colour per run, thin lines and one legend outside the panels; runs named
+one colour per run, thin lines and one legend (in an empty slot of the
+grid where it fits, else beside the panels); runs named
 `<setting>_s<seed>` (a sweep's points) share their setting's colour, so that
 30 points of 10 settings read as 10 colours with the seeds' spread.
 
@@ -57,8 +59,10 @@ def runs_of(path):
 
 
 def _natural(name):
-  """Sort key with numbers compared as numbers ("s2" < "s10")."""
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+  """Sort key with numbers compared as numbers ("s2" < "s10",
+  "wd0.05" < "wd0.1")."""
+  parts = re.split(r"(\d+(?:\.\d+)?)", name)
+  return [float(t) if k % 2 else t for k, t in enumerate(parts)]
 
 
 def read_series(workdir):
@@ -214,14 +218,24 @@ def plot(runs, path, title=None):
                                      if g == group] else f"{group} ({members})"))
     if any(ema for lines in panels.values() for entries in lines.values()
            for _, ema, _, _ in entries):
-      handles.append(Line2D([], [], color="0.3", linestyle="--",
+      handles.append(Line2D([], [], color="0.3", linestyle="--", marker="o",
+                            markerfacecolor="none", markersize=3.5,
                             label="EMA parameters"))
-  legend_cols = 1 if len(handles) <= 24 else 2
-  longest = max([len(h.get_label()) for h in handles] + [0])
-  legend_width = (legend_cols * (0.6 + 0.06 * longest) + 0.1) if handles else 0
-
   ncols, slots = _slots(panels)
   nrows = len(slots) // ncols
+  # The legend goes into the first empty slot of the grid where it fits
+  # there, else into a column of its own on the right.
+  longest = max([len(h.get_label()) for h in handles] + [0])
+  column = 0.5 + 0.055 * longest  # Inches: the line and the label.
+  in_slot = max(1, min(3, int(_PANEL[0] // column)))
+  legend_slot = None
+  per_column = int(_PANEL[1] / 0.14)
+  if handles and None in slots and len(handles) <= in_slot * per_column:
+    legend_slot = slots.index(None)
+    legend_cols, legend_width = -(-len(handles) // per_column), 0
+  else:
+    legend_cols = 1 if len(handles) <= 24 else 2
+    legend_width = legend_cols * column + 0.2 if handles else 0
   m = _MARGIN
   width = (m["left"] + ncols * _PANEL[0] + (ncols - 1) * _GAP[0] + m["right"]
            + legend_width)
@@ -252,7 +266,8 @@ def plot(runs, path, title=None):
                 color=colour_of[groups[i]] if overlay else f"C{k}",
                 linestyle="--" if ema else "-",
                 linewidth=0.9 if thin else 1.4, alpha=0.75 if thin else 0.95,
-                marker="o" if len(steps) <= 20 else None,
+                marker="o" if len(steps) <= (5 if thin else 20) else None,
+                markerfacecolor="none" if ema else None,
                 markersize=2.5 if thin else 3.5, label=label)
         shown.extend(values)
     positive = [v for v in shown if v > 0]
@@ -282,11 +297,14 @@ def plot(runs, path, title=None):
                  ha="center", va="center", fontsize=9)
     grid[0].set_axis_off()
   if handles:
-    fig.legend(handles=handles, loc="upper left", fontsize=7,
-               bbox_to_anchor=(1 - legend_width / width,
-                               1 - m["top"] / height),
-               ncols=legend_cols, frameon=False, title_fontsize=7,
-               title="setting (runs)" if groups != names else "run")
+    where = dict(loc="upper left", bbox_to_anchor=(
+        1 - legend_width / width, 1 - m["top"] / height))
+    if legend_slot is not None:
+      where = dict(loc="upper left", bbox_to_anchor=(0, 1),
+                   bbox_transform=grid[legend_slot].transAxes)
+    fig.legend(handles=handles, fontsize=7, ncols=legend_cols,
+               frameon=False, title_fontsize=7,
+               title="setting (runs)" if groups != names else "run", **where)
   fig.suptitle(title, fontsize=10, y=1 - 0.15 / height, va="top")
   _save(fig, path)
   return list(panels)
