@@ -15,7 +15,8 @@ head, cls token or not, hybrid stem, and the image size from a square
 position table); `--override=name=value` sets any other field and wins over
 what was inferred.
 
-Analyses (`--what`, default: all that apply to the model):
+Analyses (`--what`, default: all that apply to the model, and curves when
+the workdir has a metrics.jsonl):
   distance  mean attention distance per layer and head over `--num_images`
             images of `--dataset`/`--split`: attention_distance.{png,json}
   posemb    cosine similarity of the position embeddings (learned, or the
