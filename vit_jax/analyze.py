@@ -1,6 +1,9 @@
-r"""Command line: the ViT paper's analysis figures for a checkpoint.
+r"""Command line: the ViT paper's analysis figures for a checkpoint, and
+training curves.
 
-  python -m vit_jax.analyze --workdir=DIR [--what=distance,posemb,rollout,filters]
+  python -m vit_jax.analyze --workdir=DIR [--what=distance,posemb,rollout,filters,curves]
+  python -m vit_jax.analyze --workdir=ROOT --what=curves   # a sweep's points
+  python -m vit_jax.analyze --workdir=A,B --what=curves --output_dir=OUT
   python -m vit_jax.analyze --init=ViT-B_16.npz --model=B/16 [--image_size=224] \
       [--dataset=digits --split=test --num_images=128] [--output_dir=OUT]
 
@@ -12,7 +15,8 @@ head, cls token or not, hybrid stem, and the image size from a square
 position table); `--override=name=value` sets any other field and wins over
 what was inferred.
 
-Analyses (`--what`, default: all that apply to the model):
+Analyses (`--what`, default: all that apply to the model, and curves when
+the workdir has a metrics.jsonl):
   distance  mean attention distance per layer and head over `--num_images`
             images of `--dataset`/`--split`: attention_distance.{png,json}
   posemb    cosine similarity of the position embeddings (learned, or the
@@ -21,8 +25,17 @@ Analyses (`--what`, default: all that apply to the model):
             rollout.png
   filters   principal components of the patch-embedding filters: filters.png
             (not for hybrids, whose patch embedding sees ResNet features)
+  curves    training loss, learning rate and every evaluator's metrics over
+            steps, from DIR/metrics.jsonl alone (no checkpoint is read):
+            curves.png (`vit_jax.analysis.curves`). `--workdir` may list
+            several workdirs (comma-separated) or name a sweep ROOT (a
+            directory whose subdirectories hold metrics.jsonl): their curves
+            are overlaid, one colour per run (per setting for a sweep's
+            `<setting>_s<seed>` points). Several workdirs draw curves only.
 
-Figures go to `--output_dir`, else `--workdir`, else `<npz without .npz>_analysis/`.
+Figures go to `--output_dir`, else `--workdir` (a sweep ROOT for its
+overlay; a list of workdirs needs `--output_dir`), else
+`<npz without .npz>_analysis/`.
 A short summary is printed. Problems the user can fix are printed as one line
 `error: <message>` and the exit status is 1.
 """
@@ -39,12 +52,17 @@ from vit_jax import cli_help
 from vit_jax import errors
 from vit_jax import model_source
 from vit_jax import paths
+from vit_jax.analysis import curves
 
+# The analyses of a checkpoint, and the one of a run's metrics.jsonl.
 ANALYSES = ("distance", "posemb", "rollout", "filters")
+CURVES = "curves"
 
 # Own flag namespace: importable beside other command-line modules.
 FLAGS = flags.FlagValues()
 model_source.define_flags(FLAGS, "analyse")
+FLAGS["workdir"].help += (" For --what=curves also several, comma-separated, "
+                          "or a sweep ROOT: their curves overlaid.")
 _IMAGE_SIZE = flags.DEFINE_string(
     "image_size", None, "Image size to analyse at, e.g. 224 or '(224, 160)'. "
     "--init: the model is built for it (position table resampled); "
@@ -52,7 +70,8 @@ _IMAGE_SIZE = flags.DEFINE_string(
     "checkpoint's own.", flag_values=FLAGS)
 _WHAT = flags.DEFINE_string(
     "what", None, "Comma-separated analyses among "
-    f"{', '.join(ANALYSES)} (default: all that apply).", flag_values=FLAGS)
+    f"{', '.join(ANALYSES + (CURVES,))} (default: all that apply; curves "
+    "when the workdir has a metrics.jsonl).", flag_values=FLAGS)
 _DATASET = flags.DEFINE_string(
     "dataset", None, "Images for distance and rollout: digits, a tfds "
     "name or folder:/root (default: the --workdir run's dataset, else "
@@ -82,11 +101,11 @@ def parse_what(text):
   if text is None:
     return None
   names = [n.strip() for n in text.split(",") if n.strip()]
-  unknown = [n for n in names if n not in ANALYSES]
+  unknown = [n for n in names if n not in ANALYSES + (CURVES,)]
   if unknown or not names:
     raise errors.Error(
         f"unknown analysis {', '.join(map(repr, unknown)) or repr(text)} in "
-        f"--what: use some of {','.join(ANALYSES)}")
+        f"--what: use some of {','.join(ANALYSES + (CURVES,))}")
   return list(dict.fromkeys(names))
 
 
@@ -369,6 +388,79 @@ def _run_dataset(workdir, init):
   return run.get("dataset") or "digits", resolved.get("class_names")
 
 
+def _no_metrics(workdir):
+  return errors.Error(
+      f"{workdir} has no metrics.jsonl (nor has any of its subdirectories): "
+      "pass the --workdir of a training run, or a sweep ROOT whose points "
+      "hold metrics.jsonl, for --what=curves")
+
+
+def plan_curves(what, workdirs, init=None, log=print):
+  """(checkpoint analyses, runs to draw curves of) for the command line.
+
+  Args:
+    what: `parse_what`'s list, or None for the default.
+    workdirs: the absolute `--workdir` paths (comma-separated on the line).
+    init: the `--init` .npz, if any.
+    log: printing function for a skipped default.
+
+  Returns:
+    (analyses of the checkpoint: a list, [] for none, or None for all that
+    apply; [(name, workdir)] whose curves to draw, [] for none). Several
+    workdirs, or one sweep ROOT (a directory without metrics.jsonl whose
+    subdirectories hold one), draw curves only.
+  """
+  model_what = None if what is None else [w for w in what if w != CURVES]
+  asked = what is not None and CURVES in what
+  if init or not workdirs:
+    if asked:
+      raise errors.Error("--what=curves draws a training run's metrics.jsonl: "
+                         "pass --workdir=DIR instead of --init")
+    return model_what, []
+  first = workdirs[0]
+  if len(workdirs) == 1 and curves.has_metrics(first):
+    runs = curves.runs_of(first) if asked or what is None else []
+    return model_what, runs
+  if len(workdirs) == 1 and not curves.runs_of(first):
+    if asked:
+      raise _no_metrics(first)
+    if what is None:
+      log(f"curves: skipped, {first} has no metrics.jsonl")
+    return model_what, []
+  if model_what:
+    raise errors.Error(
+        f"--what={','.join(model_what)} analyses one checkpoint: pass one "
+        "--workdir (several workdirs, or a sweep ROOT, draw --what=curves "
+        "only)")
+  runs = []
+  for workdir in workdirs:
+    found = curves.runs_of(workdir)
+    if not found:
+      raise _no_metrics(workdir)
+    runs.extend(found)
+  names = [name for name, _ in runs]
+  if len(set(names)) < len(names):  # e.g. a/run and b/run: name them so.
+    common = os.path.commonpath([w for _, w in runs])
+    runs = [(os.path.relpath(w, common), w) for _, w in runs]
+  return [], runs
+
+
+def draw_curves(runs, output_dir, title=None, log=print):
+  """Writes OUTPUT_DIR/curves.png of `runs` ([(name, workdir)])."""
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise errors.Error(f"cannot create --output_dir={output_dir}: "
+                       f"{_one_line(e)}") from None
+  path = os.path.join(output_dir, curves.FILENAME)
+  panels = curves.write(runs, path, title)
+  shown = ", ".join(n for n, _ in runs[:6]) + (
+      f", ... ({len(runs)} runs)" if len(runs) > 6 else "")
+  log(f"curves of {shown}: {', '.join(panels) or 'no metrics yet'}; wrote "
+      f"{path}")
+  return path
+
+
 @errors.command_line
 def run(argv):
   """Runs the command line `argv`; returns the exit status."""
@@ -379,11 +471,32 @@ def run(argv):
   what = parse_what(_WHAT.value)
   image_size = parse_image_size(_IMAGE_SIZE.value)
   logging.set_verbosity(logging.WARNING)
-  for name in ("workdir", "init", "output_dir", "data_dir"):
+  workdirs = [paths.absolute(w.strip())
+              for w in (FLAGS.workdir or "").split(",") if w.strip()]
+  FLAGS["workdir"].value = workdirs[0] if workdirs else None
+  for name in ("init", "output_dir", "data_dir"):
     FLAGS[name].value = paths.absolute(FLAGS[name].value)
   FLAGS["dataset"].value = paths.absolute_dataset(FLAGS["dataset"].value)
-  if not FLAGS.init and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
-    raise errors.Error(f"--workdir={FLAGS.workdir} does not exist")
+  if not FLAGS.init:
+    for workdir in workdirs:
+      if not os.path.isdir(workdir):
+        raise errors.Error(f"--workdir={workdir} does not exist")
+  model_what, runs = plan_curves(what, workdirs, FLAGS.init)
+  if len(workdirs) > 1 and not _OUTPUT_DIR.value:
+    raise errors.Error("several --workdir: pass --output_dir=DIR for the "
+                       "curves.png that overlays them")
+  if model_what != []:
+    analyse_checkpoint(model_what, image_size)
+  if runs:
+    title = None
+    if len(workdirs) == 1 and len(runs) > 1:  # A sweep ROOT.
+      title = f"{os.path.basename(workdirs[0])}: {len(runs)} runs"
+    draw_curves(runs, _OUTPUT_DIR.value or workdirs[0], title)
+
+
+def analyse_checkpoint(what, image_size):
+  """The checkpoint analyses `what` (None: all that apply) of the flags'
+  model."""
   params, model, name = model_source.load(FLAGS, image_size)
   if FLAGS.init:
     output_dir = _OUTPUT_DIR.value or FLAGS.workdir or (

@@ -31,7 +31,9 @@ one resumes from its newest checkpoint (`main` does that by itself). At the
 end (and with `--collect`) `ROOT/results.jsonl` holds one row per finished
 point (its metrics, wall time, and the CPU and package versions it ran on:
 `vit_jax.environment`) and `ROOT/results.md` the table: mean ± std over seeds per setting
-(std with ddof=1), printed too.
+(std with ddof=1), printed too. `ROOT/curves.png` overlays the training
+curves of every point that logged metrics, a colour per setting
+(`vit_jax.analysis.curves`).
 """
 
 import importlib.util
@@ -49,6 +51,7 @@ from vit_jax import compilation_cache
 from vit_jax import environment
 from vit_jax import errors
 from vit_jax import paths
+from vit_jax.analysis import curves
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("config", None, "Sweep file (defines get_sweep()).",
@@ -232,6 +235,12 @@ def collect(sweep, root):
     text += "\n" + sweep["report"](rows, root).strip() + "\n"
   with open(os.path.join(root, "results.md"), "w") as f:
     f.write(text)
+  logged = [(name, os.path.join(root, name), setting["name"])
+            for name, setting, _ in points(sweep)
+            if curves.has_metrics(os.path.join(root, name))]
+  if logged:
+    curves.write_safely(root, runs=logged, title=(
+        f"{os.path.basename(root)}: {len(logged)} points"))
   return text
 
 

@@ -40,6 +40,7 @@ from vit_jax import sizes
 from vit_jax import tasks
 from vit_jax import workdir_lock
 from vit_jax import xla_options
+from vit_jax.analysis import curves
 from vit_jax.evaluators import common
 
 Error = errors.Error
@@ -491,6 +492,8 @@ def _train_and_evaluate(config, workdir, devices, clock):
         writer.print(f"step {step}: {_format(out)}")
         results.update(out)
     writer.write(step, results)
+    if jax.process_index() == 0:  # DIR/curves.png; a failure is a warning.
+      curves.write_safely(workdir, log=writer.print)
     return results
 
   # Loop.

@@ -12,4 +12,6 @@ Each module has a pure function (numpy / jax; the jax ones also run under
   (Figure 7, left).
 
 The command line `python -m vit_jax.analyze` runs them on a checkpoint.
+`curves` draws a run's training curves from its metrics.jsonl alone (no
+checkpoint; several runs overlaid), which training and a sweep also write.
 """
