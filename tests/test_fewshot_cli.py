@@ -95,6 +95,8 @@ def test_workdir_and_npz_give_the_same_report(tmp_path, params, capsys):
                                     "use_ema": False}
   assert from_workdir["config"]["shots"] == [1, 5]
   assert from_workdir["config"]["image_size"] == [16, 16]
+  env = from_workdir["environment"]  # What a re-run must match it on.
+  assert env["cpu"] and "jax" in env["packages"] and env["cores"] >= 1
   results = from_workdir["results"]
   assert set(results["digits"]) == {"1", "5"}
   for r in results["digits"].values():

@@ -26,10 +26,11 @@ therefore never replaces an earlier result; re-running the same evaluation
 `{"representation", "source" ({"workdir", "step", "use_ema"} or {"init",
 "model", "overrides"}; {} for pixels), "config" (every few-shot field),
 "l2_at_grid_edge", "results": {dataset: {"<shots>": {"mean", "std", "l2",
-...}}}}`. The PNG plots accuracy against shots on an axis spanning at least
-10 points, with the raw-pixel floor (representation "pixels", same few-shot
-fields) when `--floor` computed it in this call or a `fewshot_pixels...json`
-of the same fields is already in the output directory. Problems the user can
+...}}}, "environment" (the CPU and package versions it ran on)}`. The PNG
+plots accuracy against shots on an axis spanning at least 10 points, with
+the raw-pixel floor (representation "pixels", same few-shot fields) when
+`--floor` computed it in this call or a `fewshot_pixels...json` of the same
+fields is already in the output directory. Problems the user can
 fix are printed as one line `error: <message>` and the exit status is 1.
 """
 
@@ -44,6 +45,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vit_jax import cli_help
+from vit_jax import environment
 from vit_jax import errors
 from vit_jax import model_source
 from vit_jax import paths
@@ -245,6 +247,7 @@ def _write(output_dir, name, document, title, floor=None, log=print):
   """DIR/name.json and .png; says where they went (and what they replaced)."""
   path = os.path.join(output_dir, name + ".json")
   existed = os.path.exists(path)
+  document = dict(document, environment=environment.describe())
   with open(path, "w") as f:
     json.dump(document, f, indent=2)
   plot(document["results"], os.path.join(output_dir, name + ".png"), title,
