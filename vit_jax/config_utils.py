@@ -252,7 +252,7 @@ def default_config():
   # With no usable checkpoint left in the workdir where damaged ones were
   # set aside: train from step 0 (True) or stop with an error (False).
   c.fresh_start = False
-  c.progress = True  # tqdm progress bar on process 0.
+  c.progress = True  # tqdm bar on a terminal; False or a log file: plain lines.
 
   # Evaluators (vit_jax/evaluators/): name -> {type, every, fields}. Metrics
   # are logged as "<name>/<metric>". `every`: period in steps; 0: only at the
