@@ -228,7 +228,11 @@ def test_tiny_bit_trains_checkpoints_and_converts(capfd, tmp_path):
             if "train/loss" in r]
   assert len(losses) == 5 and np.all(np.isfinite(losses))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["5"]
-  assert "fewshot/digits/1shot=" in out and "eval/accuracy=" in out
+  assert "step 5: fewshot: pre_logits" in out and "eval/accuracy=" in out
+  # The commands to run next: timm's ResNetV2 is the only conversion, and
+  # the analyses (of attention) do not apply.
+  assert f"--from={workdir} --to=timm --out={workdir}/timm.safetensors" in out
+  assert "--to=hf" not in out and "vit_jax.analyze" not in out
   params, model, _ = checkpoint.model_from_workdir(workdir)
   assert isinstance(model, models.BiT) and model.num_channels == 1
   assert dict(model.resnet) == dict(num_layers=(1, 1), width_factor=0.5)

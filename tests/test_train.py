@@ -296,6 +296,15 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
   assert len(steps) == 1 and steps[0] >= 2
   logged = max(r["step"] for r in metrics.read_jsonl(workdir))
   assert steps[0] == logged
+  # The run's last lines: where it stopped, the checkpoint, how to resume.
+  block = out[out.index("stopped by SIGTERM"):].splitlines()
+  assert block[0] == (f"stopped by SIGTERM at step {logged}; checkpoint "
+                      f"saved, {100000 - logged} of 100000 steps to go")
+  assert block[1].split() == [
+      "checkpoint", os.path.join(workdir, "checkpoints", str(logged))]
+  assert block[2].split()[0] == "resume" and block[2].endswith(
+      f"run the same command again: it goes on from step {logged}")
+  assert [l.split()[0] for l in block[3:]] == ["time", "XLA"]
   params, config = checkpoint.latest_params(workdir)
   assert config.resolved.num_classes == 10
   assert params["head"]["kernel"].shape == (16, 10)
@@ -381,7 +390,7 @@ def test_second_run_loads_programs_from_the_compilation_cache(tmp_path):
         TINY + [f"--compilation_cache={cache}",
                 f"--workdir={tmp_path / str(i)}"], _env(8)))
     assert rc == 0, out[-3000:]
-    times = [l for l in out.splitlines() if l.startswith("time: ")]
+    times = [l for l in out.splitlines() if l.startswith("  XLA ")]
     assert len(times) == 1, out[-3000:]
     found = re.search(r", loaded (\d+) from the compilation cache in ",
                       times[0])

@@ -17,7 +17,6 @@ import concurrent.futures
 import contextlib
 import gc
 import os
-import re
 import signal
 import time
 
@@ -35,6 +34,7 @@ from vit_jax import evaluators as evaluators_lib
 from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import run_summary
 from vit_jax import sharding
 from vit_jax import sizes
 from vit_jax import tasks
@@ -113,27 +113,26 @@ class _Clock:
     finally:
       self.seconds[name] += time.perf_counter() - start
 
-  def summary(self, rest="training"):
-    """One line: the phases' seconds (`rest` the time in none of them) and
-    XLA's compilations."""
+  def totals(self, rest="training"):
+    """The seconds so far: `total`, `phases` ({name: seconds}, setup first,
+    `rest` the time in none of them) and XLA's programs: `compiled`,
+    `compile_seconds`, `loaded` (from the compilation cache),
+    `load_seconds`."""
     total = time.perf_counter() - self.start
     xla = collections.Counter(_Clock._totals)
     xla.subtract(self._xla_start)
     seconds = dict(self.seconds)
     seconds[rest] = total - sum(self.seconds.values())
     order = ["setup", rest] + [k for k in seconds if k not in ("setup", rest)]
-    phases = ", ".join(f"{name} {seconds[name]:.1f} s" for name in order
-                       if name in seconds)
     # A program loaded from the cache also counts as compiled, for the time
     # it took to load.
     loaded, load_seconds = xla[self._LOADED + "#"], xla[self._LOADED]
-    line = (f"time: {total:.1f} s ({phases}); XLA compiled "
-            f"{xla[self._COMPILED + '#'] - loaded} programs in "
-            f"{max(0.0, xla[self._COMPILED] - load_seconds):.1f} s")
-    if loaded:
-      line += (f", loaded {loaded} from the compilation cache in "
-               f"{load_seconds:.1f} s")
-    return line
+    return dict(
+        total=total,
+        phases={name: seconds[name] for name in order if name in seconds},
+        compiled=xla[self._COMPILED + "#"] - loaded,
+        compile_seconds=max(0.0, xla[self._COMPILED] - load_seconds),
+        loaded=loaded, load_seconds=load_seconds)
 
 
 def _prepare_workdir(workdir):
@@ -240,23 +239,8 @@ def _check_finite(pending):
           for (s, _), m in zip(pending, fetched)]
 
 
-def _natural(name):
-  """Sort key with numbers compared as numbers ("5shot" < "10shot")."""
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def _every(step, period):
   return bool(period) and period > 0 and step % period == 0
-
-
-def _format(results):
-  """`k=v ...` in natural key order; integers without decimals."""
-  parts = []
-  for k, v in sorted(results.items(), key=lambda kv: _natural(kv[0])):
-    v = float(v)
-    parts.append(f"{k}={int(v)}" if v.is_integer() and abs(v) >= 1
-                 else f"{k}={v:.4f}")
-  return " ".join(parts)
 
 
 def train_and_evaluate(config, workdir, devices=None):
@@ -478,6 +462,8 @@ def _train_and_evaluate(config, workdir, devices, clock):
   if not start_step:
     writer.write(0, skipped_row)
 
+  latest = {}  # The latest metrics of each evaluator, for the summary.
+
   def evaluate(step, final=False):
     results = {}
     for name, every, evaluator in evaluators:
@@ -487,10 +473,12 @@ def _train_and_evaluate(config, workdir, devices, clock):
       if ema_decay:
         trees.append(("ema/", state["ema"]))
       for prefix, params in trees:
-        out = {f"{prefix}{name}/{k}": v
-               for k, v in evaluator.run(params, step=step).items()}
-        writer.print(f"step {step}: {_format(out)}")
-        results.update(out)
+        out = evaluator.run(params, step=step)
+        for line in run_summary.step_lines(step, prefix + name, evaluator,
+                                           out):
+          writer.print(line)
+        latest[prefix + name] = (evaluator, out)
+        results.update({f"{prefix}{name}/{k}": v for k, v in out.items()})
     writer.write(step, results)
     if jax.process_index() == 0:  # DIR/curves.png; a failure is a warning.
       curves.write_safely(workdir, log=writer.print)
@@ -499,13 +487,14 @@ def _train_and_evaluate(config, workdir, devices, clock):
   # Loop.
   stop = StopFlag()
   stop.install()
-  results, completed = {}, False
+  results, completed, stopped_by = {}, False, None
   try:
+    clock.seconds["setup"] = time.perf_counter() - clock.start
     if start_step >= total_steps:
       log(f"already trained for {total_steps} steps; evaluating")
-      results = evaluate(start_step, final=True)
+      with clock.phase("evaluation"):
+        results = evaluate(start_step, final=True)
     pending = []
-    clock.seconds["setup"] = time.perf_counter() - clock.start
     window_start, window_steps = time.time(), 0
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
@@ -537,9 +526,8 @@ def _train_and_evaluate(config, workdir, devices, clock):
                                   "data": data.get_state(train_iter)})
       if stopping and not last:
         ckpt.wait()
-        name = signal.Signals(stop.signum).name if stop.signum else "signal"
-        log(f"stopped by {name} at step {step}; checkpoint saved. Run the "
-            "same command again to resume.")
+        stopped_by = (signal.Signals(stop.signum).name if stop.signum
+                      else "signal", step)
         break
     completed = True
   finally:
@@ -557,5 +545,13 @@ def _train_and_evaluate(config, workdir, devices, clock):
     # interpreter exit, they trigger the resource tracker's leak warning.
     train_iter = batch = None
     gc.collect()
-  log(clock.summary())
+  if jax.process_index() == 0:
+    if stopped_by:
+      summary = run_summary.stopped(workdir, *stopped_by, total_steps,
+                                    clock.totals())
+    else:
+      summary = run_summary.final(workdir, max(start_step, total_steps),
+                                  total_steps, latest, clock.totals(), model,
+                                  start_step)
+    print("\n".join(summary), flush=True)
   return results

@@ -5,7 +5,9 @@
 
 Each module defines `Evaluator(predict_fn, mesh, **fields)` with
 `run(params, step=None) -> {metric: value}`; the training loop logs the
-metrics as `<name>/<metric>` and prints them. `predict_fn(params, images,
+metrics as `<name>/<metric>` and prints them on one line, or as the lines of
+the evaluator's `format_lines(metrics)` (a caption, then a table) when it
+defines one, as the few-shot evaluator does (see `vit_jax.run_summary`). `predict_fn(params, images,
 **kwargs)` is the model in inference mode and returns `(output, out)` (see
 `vit_jax.models`). `type` is a module of this package or any importable module
 of your own; it defaults to the entry's name.

@@ -25,9 +25,10 @@ For each dataset `(name, source, train_split, test_split)` of the config:
 
 `run(params)` returns `{"<dataset>/<n>shot": mean accuracy with the
 leave-one-out L2, ..._std, ..._fixed_l2 (mean accuracy at the fixed L2),
-..._fixed_l2_std, ..._l2 (median chosen L2)}`; `report(params)` the full
-per-seed results (what `python -m vit_jax.fewshot` writes under "results"
-in its fewshot_<representation>...json).
+..._fixed_l2_std, ..._l2 (median chosen L2)}`, which `format_lines` prints
+as a dataset x shots table; `report(params)` the full per-seed results (what
+`python -m vit_jax.fewshot` writes under "results" in its
+fewshot_<representation>...json).
 Standard deviations are over seeds (ddof=1; 0 for a single seed).
 """
 
@@ -414,6 +415,47 @@ class Evaluator:
     """Flat metrics for the training loop (see the module docstring)."""
     del step
     return metrics(self.report(params), self.config.get("prefix", ""))
+
+  def format_lines(self, results):
+    """`run`'s metrics as a caption and a dataset x shots table.
+
+    Per dataset and shot count: the accuracy (mean ± std over seeds) with
+    the L2 chosen by leave-one-out (the median over seeds), and the accuracy
+    at the fixed L2. What the training loop prints (see `run_summary`).
+    """
+    prefix = self.config.get("prefix", "")
+    several = len(self.seeds) > 1
+
+    def accuracy(key):
+      if several:
+        return f"{results[key]:.4f} ± {results[key + '_std']:.4f}"
+      return f"{results[key]:.4f}"
+
+    rows = []
+    for name, _, _ in self.datasets:
+      for n in self.shots:
+        key = f"{prefix}{name}/{n}shot"
+        if key in results:
+          rows.append((name, str(n), accuracy(key), power_of_two(
+              results[key + "_l2"]), accuracy(key + "_fixed_l2")))
+    if not rows:
+      return []
+    seeds = (f"{len(self.seeds)} seeds: mean ± std" if several else
+             "1 seed")
+    header = ("dataset", "shots", "accuracy", "L2",
+              f"at L2={power_of_two(self.config.fixed_l2)}")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    lines = [f"{self.representation}, {seeds}; L2 chosen by leave-one-out"]
+    shown = None
+    for row in [header] + rows:
+      name = "" if row[0] == shown else row[0]
+      shown = row[0] if row is not header else None
+      lines.append("  ".join([
+          f"{name:<{widths[0]}}", f"{row[1]:>{widths[1]}}",
+          f"{row[2]:<{widths[2]}}", f"{row[3]:<{widths[3]}}",
+          row[4]]).rstrip())
+    return lines
+
 
 
 def metrics(report, prefix=""):
