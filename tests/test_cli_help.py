@@ -123,7 +123,7 @@ def test_main_help_says_how_to_list_the_config_fields(capsys):
     assert f"`{field}`" in out, field
     assert field in config_utils.default_config() or (
         field.split(".")[1] in config_utils.default_config().optim)
-  assert "`progress` (True: a progress bar; False: plain lines" in out
+  assert "`progress` (True: a progress bar on a terminal" in out
 
 
 def test_bench_help_lists_the_benchmarks(capsys):

@@ -13,11 +13,12 @@ their values, overrides applied, and exits. The ones most often set:
 `optim.warmup_steps`, `optim.weight_decay`, `seed`, `dataset`, `data_dir`,
 `image_size`, `model_name` and `model.*` (e.g. `model.classifier=gap`),
 `init` (a checkpoint to fine-tune), `log_steps`, `checkpoint_steps`,
-`evals.<name>.every` and `progress` (True: a progress bar; False: plain
-lines every `log_steps` instead).
+`evals.<name>.every` and `progress` (True: a progress bar on a terminal,
+plain lines every `log_steps` in a log file; False: plain lines always).
 
-Running the same command again resumes from the newest checkpoint in the
-workdir. Relative paths (the workdir, `--config.init`, `--config.data_dir`,
+A run ends with a summary: the final metrics, its time, the newest checkpoint
+and the commands to run next on the workdir. Running the same command again
+resumes from the newest checkpoint in the workdir. Relative paths (the workdir, `--config.init`, `--config.data_dir`,
 a `folder:` dataset) are taken from the current directory and recorded
 absolute in DIR/config.json. Compiled programs are kept in a persistent
 compilation cache (`--compilation_cache=DIR`; default $VIT_JAX_CACHE, else
