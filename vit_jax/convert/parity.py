@@ -87,6 +87,8 @@ def _torch():
 def load_hf(out_dir, cfg, arch):
   """`arch.from_pretrained(out_dir)`; ParityError on missing/unexpected keys."""
   import transformers  # pylint: disable=g-import-not-at-top
+  # Its "Loading weights" bar would break the converter's lines.
+  transformers.utils.logging.disable_progress_bar()
   model, info = getattr(transformers, arch).from_pretrained(
       out_dir, output_loading_info=True, attn_implementation="eager",
       **hf_lib.load_kwargs(core.full_config(cfg), arch))
