@@ -198,7 +198,8 @@ def mean_std(values):
   return mean, std
 
 
-def _fmt(mean, std, n):
+def format_cell(mean, std, n):
+  """A table cell: "mean ± std", values in [0, 1] (accuracies) in %."""
   scale = 100.0 if abs(mean) <= 1.0 else 1.0
   return f"{mean * scale:.1f} ± {std * scale:.1f}" + ("" if n > 1 else " (1 seed)")
 
@@ -224,7 +225,7 @@ def collect(sweep, root):
     cells = []
     for key in keys:
       values = [float(r["metrics"][key]) for r in mine if key in r["metrics"]]
-      cells.append(_fmt(*mean_std(values), len(values)) if values else "–")
+      cells.append(format_cell(*mean_std(values), len(values)) if values else "–")
     lines.append(f"| {setting['name']} | {len(mine)} | " + " | ".join(cells)
                  + " |")
   table = "\n".join(lines)
