@@ -80,10 +80,13 @@ def test_a_plotting_failure_does_not_stop_training(sweep_root):
   and training goes on to the end."""
   root, printed = sweep_root
   workdir = os.path.join(root, "tiny_s1")
-  warnings = [l for l in printed.splitlines() if "curves.png" in l]
+  warnings = [l for l in printed.splitlines() if "curves.png" in l
+              and not l.startswith("  curves ")]  # The summary's row.
   assert len(warnings) == 2, printed  # Evaluations at steps 2 and 4.
   assert all(l.startswith(f"warning: could not draw {workdir}/curves.png: ")
              for l in warnings), warnings
+  # The run's summary names no curves.png that it could not write.
+  assert f"curves      {workdir}/curves.png" not in printed
   assert "Traceback" not in printed
   assert os.path.exists(os.path.join(workdir, sweep.DONE))
   assert max(r["step"] for r in metrics.read_jsonl(workdir)) == 4

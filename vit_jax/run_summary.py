@@ -185,7 +185,7 @@ def final(workdir, step, total_steps, evaluated, times, model, start_step=0):
     rows.append(("checkpoint", [checkpoint]))
   rows.append(("next", next_commands(workdir, model)))
   curves = os.path.join(workdir, "curves.png")
-  if os.path.exists(curves):
+  if os.path.isfile(curves):
     rows.append(("curves", [curves]))
   return _render(head, rows)
 
