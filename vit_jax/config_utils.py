@@ -183,6 +183,18 @@ def command_line_overrides(config):
     return {}
 
 
+def forget_config_overrides(flag_values):
+  """Drops the `--config.*` flags an earlier parse of `flag_values` defined.
+
+  ml_collections defines one flag per field of the config it loaded, bound to
+  that config object; parsed again in the same process (tests, a sweep), they
+  would set the fields of the old config, not of the one loaded now.
+  """
+  for name in list(flag_values):
+    if name.startswith("config."):
+      delattr(flag_values, name)
+
+
 def default_config():
   """All fields a config may set, with their defaults."""
   c = ml_collections.ConfigDict()

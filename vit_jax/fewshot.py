@@ -45,6 +45,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vit_jax import cli_help
+from vit_jax import config_utils
 from vit_jax import environment
 from vit_jax import errors
 from vit_jax import model_source
@@ -367,6 +368,7 @@ def run(argv):
   """Runs the command line `argv`; returns the exit status."""
   if cli_help.requested(argv):
     return cli_help.show(argv, __doc__, FLAGS)
+  config_utils.forget_config_overrides(FLAGS)
   FLAGS.unparse_flags()
   saved, sys.argv = sys.argv, list(argv)  # `--config.x` overrides read it.
   try:

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from vit_jax import cli_help
 from vit_jax import compilation_cache
+from vit_jax import config_utils
 from vit_jax import errors
 from vit_jax import paths
 
@@ -73,9 +74,7 @@ def _fail(message):
 
 def _parse(argv):
   """Parses flags; returns an error message or None."""
-  for name in list(flags.FLAGS):  # Overrides of an earlier parse.
-    if name.startswith("config."):
-      delattr(flags.FLAGS, name)
+  config_utils.forget_config_overrides(flags.FLAGS)
   flags.FLAGS.unparse_flags()
   sys.argv = list(argv)  # Config overrides are read from sys.argv.
   try:
