@@ -18,6 +18,7 @@ the training process: the in-memory digits need no worker process.
 import ml_collections
 
 from vit_jax import config_utils
+from vit_jax.evaluators import ridge
 
 
 def get_config(arg=None):
@@ -63,6 +64,7 @@ def get_config(arg=None):
       seeds=(0, 1, 2),
       representation="pre_logits",
       batch_size=360,
+      l2_regs=ridge.L2_GRID,  # Searched by leave-one-out (2^-10 .. 2^20).
   ))
 
   if args["runlocal"]:

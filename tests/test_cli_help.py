@@ -196,8 +196,11 @@ def _config_lines(capsys, *args):
 
 def test_show_config_prints_the_fields_with_the_overrides(capsys, tmp_path):
   lines = _config_lines(capsys, "--config.total_steps=7",
-                        "--config.optim.lr=0.01", f"--workdir={tmp_path}/w")
+                        "--config.optim.lr=0.01", f"--workdir={tmp_path}/w",
+                        "--config.evals.fewshot.l2_regs=(1.,2.)")
   assert "total_steps = 7" in lines and "optim.lr = 0.01" in lines
+  # The few-shot grid, which its grid-edge warning says to widen.
+  assert "evals.fewshot.l2_regs = (1.0, 2.0)" in lines
   # The config file's own values (configs/digits.py) beside them.
   for line in ("batch_size = 96", "dataset = 'digits'", "image_size = (16, 16)",
                "model.hidden_size = 64", "evals.fewshot.shots = (1, 5, 10)",

@@ -181,7 +181,8 @@ def test_l2_at_the_grid_edge_is_warned_of(mesh):
   assert ("warning: fewshot digits 5-shot (pixels): leave-one-out chose "
           "L2 = 2^10 for seed(s) 0, 1, the smallest of the grid 2^10 .. 2^16; "
           "a better value may lie below it: widen the few-shot config's "
-          "l2_regs below 2^10") in logs
+          "l2_regs below 2^10 (training: --config.evals.fewshot.l2_regs=...; "
+          "python -m vit_jax.fewshot: --config.l2_regs=...)") in logs
   # One line per dataset, shot count and edge that some seed chose.
   edges = {(n, e) for n, r in report.items() for e, v in (
       ("smallest", 2.0**10), ("largest", 2.0**16)) if v in r["l2"]}

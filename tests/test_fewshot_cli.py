@@ -125,7 +125,8 @@ def test_workdir_and_npz_give_the_same_report(tmp_path, params, capsys):
       r"warning: fewshot digits 1-shot \(pixels\): leave-one-out chose "
       r"L2 = 2\^1[02] for seed\(s\) 0, the (smallest|largest) of the grid "
       r"2\^10 \.\. 2\^12; .*: widen the few-shot config's l2_regs "
-      r"(below|above) 2\^1[02]$",
+      r"(below|above) 2\^1[02] \(training: --config\.evals\.fewshot\.l2_regs"
+      r"=\.\.\.; python -m vit_jax\.fewshot: --config\.l2_regs=\.\.\.\)$",
       edge[0]), out
   narrow = _read(os.path.join(run_dir, pixels_name + ".json"))
   assert narrow["l2_at_grid_edge"] is True

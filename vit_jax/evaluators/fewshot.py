@@ -364,7 +364,9 @@ class Evaluator:
                f"leave-one-out chose L2 = {value} for seed(s) "
                f"{', '.join(map(str, seeds))}, the {edge} of the grid "
                f"{grid}; a better value may lie {side} it: widen the "
-               f"few-shot config's l2_regs {side} {value}")
+               f"few-shot config's l2_regs {side} {value} (training: "
+               "--config.evals.fewshot.l2_regs=...; python -m vit_jax.fewshot:"
+               " --config.l2_regs=...)")
     return at_edge
 
   def report(self, params):
