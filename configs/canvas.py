@@ -27,7 +27,6 @@ encoder) and `bit` (a BiT ResNet-v2 of three stages of two units, width 16).
 import ml_collections
 
 from vit_jax import config_utils
-from vit_jax.evaluators import ridge
 from vit_jax.errors import Error
 
 ENCODER = dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128,
@@ -86,7 +85,7 @@ def get_config(arg=None):
       seeds=(0, 1, 2),
       representation="pre_logits",
       batch_size=360,
-      l2_regs=ridge.L2_GRID,  # Searched by leave-one-out (2^-10 .. 2^20).
+      l2_regs=config_utils.FEWSHOT_L2_GRID,  # Leave-one-out searches it.
   ))
 
   if args["runlocal"]:

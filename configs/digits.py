@@ -18,7 +18,6 @@ the training process: the in-memory digits need no worker process.
 import ml_collections
 
 from vit_jax import config_utils
-from vit_jax.evaluators import ridge
 
 
 def get_config(arg=None):
@@ -64,7 +63,7 @@ def get_config(arg=None):
       seeds=(0, 1, 2),
       representation="pre_logits",
       batch_size=360,
-      l2_regs=ridge.L2_GRID,  # Searched by leave-one-out (2^-10 .. 2^20).
+      l2_regs=config_utils.FEWSHOT_L2_GRID,  # Leave-one-out searches it.
   ))
 
   if args["runlocal"]:

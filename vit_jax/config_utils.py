@@ -24,6 +24,11 @@ from ml_collections import config_dict
 from vit_jax.errors import Error
 
 
+# The L2 penalties the few-shot evaluator searches by leave-one-out, 2^-10 ..
+# 2^20 (`evaluators/ridge.L2_GRID`); here so that configs name it without JAX.
+FEWSHOT_L2_GRID = tuple(2.0**k for k in range(-10, 21))
+
+
 def parse_arg(arg, names):
   """Parses `get_config` arguments `"a,b,runlocal"` into a dict.
 

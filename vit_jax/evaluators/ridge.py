@@ -39,8 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import config_utils
+
 # Penalties searched by leave-one-out: 2^-10, 2^-9, ..., 2^20.
-L2_GRID = tuple(2.0**k for k in range(-10, 21))
+L2_GRID = config_utils.FEWSHOT_L2_GRID
 # The fixed penalty of the ViT paper's few-shot numbers.
 FIXED_L2 = 2.0**10
 
