@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -353,3 +354,13 @@ def test_convert_hf_directory(name, message, hf_dirs, tmp_path, capfd):
     assert "model.save_pretrained(DIR, safe_serialization=True)" in line
   assert not os.path.exists(hf_dirs["marker"])
   assert not (tmp_path / "o.npz").exists()
+
+
+def test_convert_without_the_torch_extra(saved_run, monkeypatch, capfd):
+  """Without PyTorch installed (an import of it fails, as in an install
+  without the `torch` extra), --verify is one line naming the extra."""
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises.
+  rc = convert.main([f"--from={saved_run}/run", "--to=hf",
+                     f"--out={saved_run}/hf_without_torch", "--verify"])
+  line = one_error_line(rc, capfd)
+  assert line.startswith("error: torch is not installed") and "[torch]" in line

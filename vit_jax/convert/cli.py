@@ -360,6 +360,11 @@ def run(args, log=print):
   return diffs
 
 
+# The packages of the `torch` extra, imported only where a conversion needs
+# them (loading an export back, reading a .pth).
+TORCH_EXTRA = ("torch", "torchvision", "timm", "transformers", "safetensors")
+
+
 class _Parser(argparse.ArgumentParser):
   """Usage errors as one line `error: ...` (exit 1), like every other error."""
 
@@ -376,4 +381,10 @@ def main(argv=None):
     return errors.fail(f"verify FAILED: {e}")
   except (core.Unsupported, ValueError, FileNotFoundError) as e:
     return errors.fail(e)
+  except ModuleNotFoundError as e:
+    if e.name not in TORCH_EXTRA:
+      raise
+    return errors.fail(f"{e.name} is not installed, and this conversion needs "
+                       "it (--verify, or a PyTorch file): pip install -e "
+                       "\".[torch]\"")
   return 0
