@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -43,6 +44,13 @@ def _summary_writer_class():
   finally:
     del sys.modules["torch"]
   return SummaryWriter
+
+
+def natural_key(name):
+  """Sort key of a metric or run name with its numbers compared as numbers
+  ("5shot" < "10shot", "s2" < "s10", "wd0.05" < "wd0.1")."""
+  parts = re.split(r"(\d+(?:\.\d+)?)", name)
+  return [float(t) if k % 2 else t for k, t in enumerate(parts)]
 
 
 def _is_terminal(stream):

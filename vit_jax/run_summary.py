@@ -26,24 +26,21 @@ and how to resume.
 """
 
 import os
-import re
 import shlex
 
+from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax.convert import bit as bit_lib
 from vit_jax.convert import core
 from vit_jax.convert import hf as hf_lib
 from vit_jax.convert import timm as timm_lib
 
-def _natural(name):
-  """Sort key with numbers compared as numbers ("5shot" < "10shot")."""
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
 
 def short(metrics):
   """`k=v ...` in natural key order; integers without decimals."""
   parts = []
-  for k, v in sorted(metrics.items(), key=lambda kv: _natural(kv[0])):
+  for k, v in sorted(metrics.items(),
+                     key=lambda kv: metrics_lib.natural_key(kv[0])):
     v = float(v)
     parts.append(f"{k}={int(v)}" if v.is_integer() and abs(v) >= 1
                  else f"{k}={v:.4f}")

@@ -54,15 +54,9 @@ def runs_of(path):
   if not os.path.isdir(path):
     return []
   names = sorted((n for n in os.listdir(path)
-                  if has_metrics(os.path.join(path, n))), key=_natural)
+                  if has_metrics(os.path.join(path, n))),
+                 key=metrics_lib.natural_key)
   return [(n, os.path.join(path, n)) for n in names]
-
-
-def _natural(name):
-  """Sort key with numbers compared as numbers ("s2" < "s10",
-  "wd0.05" < "wd0.1")."""
-  parts = re.split(r"(\d+(?:\.\d+)?)", name)
-  return [float(t) if k % 2 else t for k, t in enumerate(parts)]
 
 
 def read_series(workdir):
@@ -254,7 +248,8 @@ def plot(runs, path, title=None):
     percent = panel in percent_panels
     scale = 100.0 if percent else 1.0
     shown = []
-    lines = sorted(panels[panel].items(), key=lambda kv: _natural(kv[0]))
+    lines = sorted(panels[panel].items(),
+                   key=lambda kv: metrics_lib.natural_key(kv[0]))
     for k, (line, entries) in enumerate(lines):
       for i, ema, steps, values in entries:
         label = None
