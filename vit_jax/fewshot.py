@@ -50,6 +50,7 @@ from vit_jax import environment
 from vit_jax import errors
 from vit_jax import model_source
 from vit_jax import paths
+from vit_jax.analysis import _plot
 
 # Own flag namespace: importable beside other command-line modules.
 FLAGS = flags.FlagValues()
@@ -172,10 +173,7 @@ def format_table(report, heading=None):
 def y_limits(values, min_span=0.1):
   """Accuracy axis limits: at least `min_span` (10 points) wide, inside
   [0, 1], so that gaps of a tenth of a point do not look large."""
-  lo, hi = max(0.0, min(values)), min(1.0, max(values))
-  if hi - lo < min_span:
-    mid = min(max((lo + hi) / 2, min_span / 2), 1 - min_span / 2)
-    lo, hi = mid - min_span / 2, mid + min_span / 2
+  lo, hi = _plot.span_at_least(min(values), max(values), min_span)
   pad = 0.03 * (hi - lo)
   return lo - pad, hi + pad
 
@@ -183,9 +181,7 @@ def y_limits(values, min_span=0.1):
 def plot(report, path, title="", floor=None):
   """Accuracy vs shots per dataset, error bars = std, both L2 choices, and
   the raw-pixel `floor` (a report of representation "pixels") if given."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _plot.pyplot()
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   names = list(report)
   fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 4.0),

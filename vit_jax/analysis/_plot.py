@@ -11,6 +11,18 @@ def pyplot():
   return plt
 
 
+def span_at_least(low, high, span, bounds=(0.0, 1.0)):
+  """(low, high) inside `bounds`, widened about its centre to at least
+  `span` (still inside `bounds`): an axis on which differences much smaller
+  than `span` do not look large."""
+  low, high = max(bounds[0], low), min(bounds[1], high)
+  if high - low < span:
+    centre = min(max((low + high) / 2, bounds[0] + span / 2),
+                 bounds[1] - span / 2)
+    low, high = centre - span / 2, centre + span / 2
+  return low, high
+
+
 def to_display(image):
   """[h, w, C] image in [-1, 1] -> (array for imshow, cmap).
 

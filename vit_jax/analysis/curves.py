@@ -32,6 +32,7 @@ import re
 
 from vit_jax import errors
 from vit_jax import metrics as metrics_lib
+from vit_jax.analysis import _plot
 
 FILENAME = "curves.png"
 
@@ -315,10 +316,9 @@ def _min_span(ax, low, high, span):
   differences of a percentage do not look large."""
   if high - low >= span:
     return
-  centre = (low + high) / 2
-  bottom = min(max(0.0, centre - span / 2), 100.0 - span)
+  bottom, top = _plot.span_at_least(low, high, span, (0.0, 100.0))
   pad = 0.05 * span
-  ax.set_ylim(bottom - pad, bottom + span + pad)
+  ax.set_ylim(bottom - pad, top + pad)
 
 
 def _save(fig, path):
