@@ -418,10 +418,10 @@ def plan_curves(what, workdirs, init=None, log=print):
                          "pass --workdir=DIR instead of --init")
     return model_what, []
   first = workdirs[0]
+  found = [curves.runs_of(workdir) for workdir in workdirs]
   if len(workdirs) == 1 and curves.has_metrics(first):
-    runs = curves.runs_of(first) if asked or what is None else []
-    return model_what, runs
-  if len(workdirs) == 1 and not curves.runs_of(first):
+    return model_what, found[0] if asked or what is None else []
+  if len(workdirs) == 1 and not found[0]:
     if asked:
       raise _no_metrics(first)
     if what is None:
@@ -433,11 +433,10 @@ def plan_curves(what, workdirs, init=None, log=print):
         "--workdir (several workdirs, or a sweep ROOT, draw --what=curves "
         "only)")
   runs = []
-  for workdir in workdirs:
-    found = curves.runs_of(workdir)
-    if not found:
+  for workdir, runs_found in zip(workdirs, found):
+    if not runs_found:
       raise _no_metrics(workdir)
-    runs.extend(found)
+    runs.extend(runs_found)
   names = [name for name, _ in runs]
   if len(set(names)) < len(names):  # e.g. a/run and b/run: name them so.
     common = os.path.commonpath([w for _, w in runs])
