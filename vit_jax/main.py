@@ -18,13 +18,14 @@ plain lines every `log_steps` in a log file; False: plain lines always).
 
 A run ends with a summary: the final metrics, its time, the newest checkpoint
 and the commands to run next on the workdir. Running the same command again
-resumes from the newest checkpoint in the workdir. Relative paths (the workdir, `--config.init`, `--config.data_dir`,
-a `folder:` dataset) are taken from the current directory and recorded
-absolute in DIR/config.json. Compiled programs are kept in a persistent
-compilation cache (`--compilation_cache=DIR`; default $VIT_JAX_CACHE, else
-$XDG_CACHE_HOME/vit_jax/xla or ~/.cache/vit_jax/xla; '' turns it off), so
-a repeated or resumed run does not compile them again. Several processes
-(hosts) join with `--distributed` (or `config.distributed`, or the
+resumes from the newest checkpoint in the workdir. Relative paths (the
+workdir, `--config.init`, `--config.data_dir`, a `folder:` dataset) are taken
+from the current directory and recorded absolute in DIR/config.json. Compiled
+programs are kept in a persistent compilation cache
+(`--compilation_cache=DIR`; default $VIT_JAX_CACHE, else
+$XDG_CACHE_HOME/vit_jax/xla or ~/.cache/vit_jax/xla; '' turns it off), so a
+repeated or resumed run does not compile them again. Several processes (hosts)
+join with `--distributed` (or `config.distributed`, or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
 variables).
 

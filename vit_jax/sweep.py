@@ -24,15 +24,15 @@ A sweep file defines `get_sweep()` returning a dict with
   with the finished points' rows (as in results.jsonl); it may write PNGs
   into ROOT and returns markdown appended to results.md.
 
-Point `<setting>_s<seed>` trains in `ROOT/<point>/` as
-`python -m vit_jax.main --config=... --config.seed=S --config.<k>=<v> ...`;
-a point whose workdir holds `sweep_done.json` is skipped, and an interrupted
-one resumes from its newest checkpoint (`main` does that by itself). At the
-end (and with `--collect`) `ROOT/results.jsonl` holds one row per finished
-point (its metrics, wall time, and the CPU and package versions it ran on:
-`vit_jax.environment`) and `ROOT/results.md` the table: mean ± std over seeds per setting
-(std with ddof=1), printed too. `ROOT/curves.png` overlays the training
-curves of every point that logged metrics, a colour per setting
+Point `<setting>_s<seed>` trains in `ROOT/<point>/` as `python -m vit_jax.main
+--config=... --config.seed=S --config.<k>=<v> ...`; a point whose workdir
+holds `sweep_done.json` is skipped, and an interrupted one resumes from its
+newest checkpoint (`main` does that by itself). At the end (and with
+`--collect`) `ROOT/results.jsonl` holds one row per finished point (its
+metrics, wall time, and the CPU and package versions it ran on:
+`vit_jax.environment`) and `ROOT/results.md` the table: mean ± std over seeds
+per setting (std with ddof=1), printed too. `ROOT/curves.png` overlays the
+training curves of every point that logged metrics, a colour per setting
 (`vit_jax.analysis.curves`).
 """
 

@@ -3,14 +3,14 @@
     config.evals = {"eval": {"type": "classification", "every": 500},
                     "fewshot": {"type": "fewshot", "every": 0, "shots": ...}}
 
-Each module defines `Evaluator(predict_fn, mesh, **fields)` with
-`run(params, step=None) -> {metric: value}`; the training loop logs the
-metrics as `<name>/<metric>` and prints them on one line, or as the lines of
-the evaluator's `format_lines(metrics)` (a caption, then a table) when it
-defines one, as the few-shot evaluator does (see `vit_jax.run_summary`). `predict_fn(params, images,
-**kwargs)` is the model in inference mode and returns `(output, out)` (see
-`vit_jax.models`). `type` is a module of this package or any importable module
-of your own; it defaults to the entry's name.
+Each module defines `Evaluator(predict_fn, mesh, **fields)` with `run(params,
+step=None) -> {metric: value}`; the training loop logs the metrics as
+`<name>/<metric>` and prints them on one line, or as the lines of the
+evaluator's `format_lines(metrics)` (a caption, then a table) when it defines
+one, as the few-shot evaluator does (see `vit_jax.run_summary`).
+`predict_fn(params, images, **kwargs)` is the model in inference mode and
+returns `(output, out)` (see `vit_jax.models`). `type` is a module of this
+package or any importable module of your own; it defaults to the entry's name.
 
 Fields an entry does not set take the run's values when the evaluator
 accepts them by name: `dataset`, `split` (the run's `eval_split`),

@@ -459,7 +459,6 @@ class Evaluator:
     return lines
 
 
-
 def metrics(report, prefix=""):
   """Flattens `Evaluator.report` into `{prefix<dataset>/<n>shot...}`."""
   out = {}
